@@ -1,0 +1,202 @@
+"""Customer authentication: password hashes, the cred checker, SASL, limits.
+
+Passwords are stored only as scrypt hashes (memory-hard, in the stdlib) and
+checked on a thread so that a 40 ms hash never stalls the reactor.  An
+unknown user is checked against a dummy hash, so the reply time does not
+tell an attacker which addresses exist.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import os
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.threads import deferToThread
+from zope.interface import implementer
+
+from mxmrelay.directory import IDirectory, User
+
+# scrypt cost: 2**14 * 8 * 128 bytes = 16 MiB and ~40 ms per check.
+_N, _R, _P, _DKLEN = 2**14, 8, 1, 32
+
+
+def hash_password(password: str, *, n: int = _N, r: int = _R, p: int = _P) -> str:
+    """An encoded scrypt hash: ``scrypt$n=..,r=..,p=..$salt$hash``."""
+    salt = os.urandom(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=_DKLEN)
+    b64 = base64.b64encode
+    return f"scrypt$n={n},r={r},p={p}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+def verify_password(password: str, encoded: str) -> bool:
+    """Check ``password`` against an encoded hash in constant time."""
+    try:
+        scheme, params, salt64, hash64 = encoded.split("$")
+        if scheme != "scrypt":
+            return False
+        p = dict(kv.split("=") for kv in params.split(","))
+        salt, expected = base64.b64decode(salt64), base64.b64decode(hash64)
+        digest = hashlib.scrypt(
+            password.encode(),
+            salt=salt,
+            n=int(p["n"]),
+            r=int(p["r"]),
+            p=int(p["p"]),
+            dklen=len(expected),
+            maxmem=256 * 1024 * 1024,
+        )
+    except (ValueError, KeyError, binascii.Error):
+        return False
+    return hmac.compare_digest(digest, expected)
+
+
+_DUMMY_HASH: str | None = None
+
+
+def _dummy_hash() -> str:
+    """A hash to check unknown users against, so that they cost the same."""
+    global _DUMMY_HASH
+    if _DUMMY_HASH is None:
+        _DUMMY_HASH = hash_password(os.urandom(16).hex())
+    return _DUMMY_HASH
+
+
+@implementer(ICredentialsChecker)
+@attrs.define
+class DirectoryChecker:
+    """Checks username/password against the customer directory.
+
+    The avatar id it returns is the :class:`~mxmrelay.directory.User`
+    itself, so that the realm need not look the user up a second time.
+    """
+
+    directory: IDirectory
+    #: How password checks are run; a thread by default, inline in tests
+    #: that want no threads.
+    run: Callable[..., Deferred[Any]] = deferToThread
+    credentialInterfaces = (IUsernamePassword,)
+
+    async def _check(self, credentials: Any) -> User:
+        username = credentials.username
+        password = credentials.password
+        if isinstance(username, bytes):
+            username = username.decode("utf-8")
+        if isinstance(password, bytes):
+            password = password.decode("utf-8")
+        user = await self.directory.find_user(username)
+        encoded = user.password_hash if user is not None else None
+        ok = await self.run(_verify_or_dummy, password, encoded)
+        if user is None or not ok:
+            raise UnauthorizedLogin("Authentication credentials invalid")
+        return user
+
+    def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
+        return Deferred.fromCoroutine(self._check(credentials))
+
+
+def _verify_or_dummy(password: str, encoded: str | None) -> bool:
+    if encoded is None:
+        verify_password(password, _dummy_hash())
+        return False
+    return verify_password(password, encoded)
+
+
+class SASLError(Exception):
+    """A malformed SASL exchange; carries the SMTP reply to give."""
+
+    def __init__(self, code: int, enhanced: str, text: str) -> None:
+        super().__init__(text)
+        self.code, self.enhanced, self.text = code, enhanced, text
+
+
+def decode_response(line: bytes) -> bytes:
+    """Strictly decode one base64 SASL response line (``=`` is empty)."""
+    line = line.strip()
+    if line == b"*":
+        raise SASLError(501, "5.7.0", "Authentication aborted")
+    if line == b"=":
+        return b""
+    try:
+        return binascii.a2b_base64(line, strict_mode=True)
+    except (binascii.Error, ValueError):
+        raise SASLError(501, "5.5.2", "Cannot decode response") from None
+
+
+def parse_plain(response: bytes) -> tuple[str, str]:
+    """Split a PLAIN response (RFC 4616) into username and password.
+
+    An authorization identity other than the user itself is refused:
+    nobody may act as another user by naming them.
+    """
+    parts = response.split(b"\0")
+    if len(parts) != 3:
+        raise SASLError(501, "5.5.2", "Cannot decode response")
+    authzid, authcid, passwd = (_utf8(p) for p in parts)
+    if not authcid:
+        raise SASLError(501, "5.5.2", "Cannot decode response")
+    if authzid and authzid.lower() != authcid.lower():
+        raise SASLError(535, "5.7.8", "Authentication credentials invalid")
+    return authcid, passwd
+
+
+def decode_text(response: bytes) -> str:
+    return _utf8(response)
+
+
+def _utf8(b: bytes) -> str:
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SASLError(501, "5.5.2", "Cannot decode response") from None
+
+
+@attrs.define
+class FailureLimiter:
+    """Counts AUTH failures per key (client address, user) in a window.
+
+    Shared by every connection of a process, so that an attacker who
+    reconnects after each 421 still meets the limit.  The table is bounded:
+    the oldest keys are forgotten first.
+    """
+
+    clock: IReactorTime
+    limit: int
+    window: float
+    max_keys: int = 100_000
+    _seen: OrderedDict[str, deque[float]] = attrs.field(factory=OrderedDict)
+
+    def _recent(self, key: str) -> deque[float] | None:
+        times = self._seen.get(key)
+        if times is None:
+            return None
+        horizon = self.clock.seconds() - self.window
+        while times and times[0] <= horizon:
+            times.popleft()
+        if not times:
+            del self._seen[key]
+            return None
+        return times
+
+    def blocked(self, key: str) -> bool:
+        times = self._recent(key)
+        return times is not None and len(times) >= self.limit
+
+    def record(self, key: str) -> None:
+        times = self._recent(key)
+        if times is None:
+            times = self._seen[key] = deque(maxlen=self.limit)
+            while len(self._seen) > self.max_keys:
+                self._seen.popitem(last=False)
+        times.append(self.clock.seconds())

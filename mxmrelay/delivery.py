@@ -1,0 +1,193 @@
+"""Where the SMTP session meets the customer: the cred realm, the avatar
+(an ``IMessageDelivery`` bound to one customer space) and the message
+that applies the rules and forwards the send.
+
+Twisted's model is one ``IMessage`` per recipient; here the avatar
+collects the whole envelope and hands out one message per transaction,
+because one transaction is one send (the rules need every RCPT at once).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.cred.portal import IRealm
+from twisted.internet.defer import Deferred
+from twisted.mail.smtp import IMessageDelivery
+from zope.interface import implementer
+
+from mxmrelay import rules
+from mxmrelay.directory import User
+from mxmrelay.forwarder import Forwarder
+from mxmrelay.reply import Reply
+from mxmrelay.smtp import IBulkMessage, Session
+from mxmrelay.spool import Spool
+
+_ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford's base 32, lower case
+
+
+def new_send_id(now: float | None = None, entropy: bytes | None = None) -> str:
+    """A ULID-style id: 48 bits of milliseconds, then 80 random bits.
+
+    URL-safe, sortable by time, and unique across restarts and across
+    relays side by side without coordination (80 random bits a
+    millisecond).
+    """
+    ms = int((time.time() if now is None else now) * 1000)
+    value = (ms << 80) | int.from_bytes(entropy or os.urandom(10), "big")
+    return "".join(_ALPHABET[(value >> shift) & 31] for shift in range(125, -5, -5))
+
+
+def idempotency_key(space: str, envelope: rules.Envelope, message_id: str | None,
+                    header_section: bytes, body_digest: bytes) -> str:
+    """The same for a client's retry of one message, different for any two
+    messages: the space, the envelope, the body's digest, and the
+    Message-ID where there is one (so a retry that regenerated the Date
+    header is still the same send), else the whole header section."""
+    h = hashlib.sha256(b"mxmrelay-idempotency-v1\0")
+    for part in (space, envelope.mail_from.lower(), *(r.lower() for r in envelope.recipients)):
+        h.update(part.encode("utf-8", "surrogatepass") + b"\0")
+    if message_id:
+        h.update(b"mid\0" + message_id.encode("utf-8", "surrogatepass") + b"\0")
+    else:
+        h.update(b"head\0" + hashlib.sha256(header_section).digest())
+    h.update(body_digest)
+    return h.hexdigest()
+
+
+@attrs.frozen
+class Outbound:
+    """What every send of this relay shares."""
+
+    forwarder: Forwarder
+    hostname: str
+    bounce_template: str
+    spool_memory: int
+
+
+@implementer(IRealm)
+@attrs.frozen
+class Realm:
+    """Turns an authenticated :class:`User` into its delivery avatar."""
+
+    outbound: Outbound
+
+    def requestAvatar(
+        self, avatarId: Any, mind: Any, *interfaces: Any
+    ) -> tuple[Any, CustomerDelivery, Callable[[], None]]:
+        # The checker's avatar id is the User, the mind the Session.
+        assert isinstance(avatarId, User) and isinstance(mind, Session)
+        if IMessageDelivery not in interfaces:
+            raise NotImplementedError("mxmrelay only provides IMessageDelivery")
+        return IMessageDelivery, CustomerDelivery(avatarId, mind, self.outbound), lambda: None
+
+
+@implementer(IMessageDelivery)
+class CustomerDelivery:
+    """One authenticated session's view of its customer space.
+
+    Called with plain address strings, not ``twisted.mail.smtp.Address``
+    objects (their parser mangles quoted and UTF-8 local parts).
+    """
+
+    def __init__(self, user: User, session: Session, outbound: Outbound) -> None:
+        self.user = user
+        self.session = session
+        self.outbound = outbound
+        self._mail_from = ""
+        self._recipients: list[str] = []
+
+    def receivedHeader(self, helo: Any, origin: Any, recipients: Any) -> bytes:
+        return rules.received_header(
+            helo=self.session.helo or "unknown", client_address=self.session.client,
+            by_host=self.outbound.hostname, protocol=self._protocol(), send_id=str(origin),
+            recipient=None, when=datetime.datetime.now(datetime.UTC))
+
+    def _protocol(self) -> str:
+        return "ESMTPSA" if self.session.tls_version else "ESMTPA"
+
+    def validateFrom(self, helo: Any, origin: str) -> str:
+        """The seed's sender rule: MAIL FROM must be in the space's domains.
+        A new MAIL starts a new envelope."""
+        if not self.user.customer.owns(origin):
+            raise Reply(553, "5.7.1", f"<{origin}>: Sender address rejected: not owned by "
+                                      f"user {self.user.email}")
+        self._mail_from = origin
+        self._recipients = []
+        return origin
+
+    def validateTo(self, user: str) -> Callable[[], RelayMessage]:
+        self._recipients.append(user)
+        return self._message
+
+    def _message(self) -> RelayMessage:
+        envelope = rules.Envelope(self._mail_from, tuple(self._recipients))
+        return RelayMessage(self, envelope, Spool(self.outbound.spool_memory))
+
+
+@implementer(IBulkMessage)
+class RelayMessage:
+    """One transaction's message: spooled as it comes, ruled and forwarded
+    at the end of DATA."""
+
+    def __init__(self, delivery: CustomerDelivery, envelope: rules.Envelope,
+                 spool: Spool) -> None:
+        self.delivery = delivery
+        self.envelope = envelope
+        self.spool = spool
+
+    def write(self, data: bytes) -> None:
+        self.spool.write(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        self.spool.write(line + b"\r\n")
+
+    def connectionLost(self) -> None:
+        self.spool.close()
+
+    def eomReceived(self) -> Deferred[str]:
+        d = Deferred.fromCoroutine(self._send())
+        d.addBoth(self._closed)
+        return d
+
+    def _closed(self, result: Any) -> Any:
+        self.spool.close()
+        return result
+
+    async def _send(self) -> str:
+        delivery, session, spool = self.delivery, self.delivery.session, self.spool
+        space = delivery.user.customer
+        send_id = new_send_id()
+        head = spool.header_section
+        outcome = rules.apply_rules(
+            self.envelope, head, space, send_id=send_id,
+            bounce_template=delivery.outbound.bounce_template,
+            received=delivery.receivedHeader(None, send_id, None))
+        if isinstance(outcome, rules.Violation):
+            raise Reply(outcome.code, outcome.enhanced, outcome.text)
+        metadata = {
+            "version": 1,
+            "id": send_id,
+            "customer": space.id,
+            "user": delivery.user.email,
+            "mail_from": self.envelope.mail_from,
+            "return_path": outcome.return_path,
+            "to": outcome.to,
+            "bcc": outcome.bcc,
+            "flags": outcome.flags,
+            "bcc_flags": outcome.bcc_flags,
+            "tags": list(outcome.tags),
+            "client": {"address": session.client, "tls_version": session.tls_version,
+                       "listener": session.listener},
+            "message_id": outcome.message_id,
+        }
+        key = idempotency_key(space.id, self.envelope, outcome.message_id, head,
+                              spool.body_digest())
+        return await delivery.outbound.forwarder.forward(metadata, key, outcome.headers,
+                                                         spool.body())

@@ -1,0 +1,185 @@
+"""The hop to the delivery API: one POST per send, over treq.
+
+The relay is a before-queue proxy: the client's 250 waits for the API's
+2xx, so a message is acknowledged only once the API holds it.  Every other
+outcome becomes an SMTP reply the client can act on: 4xx (keep the message
+and retry) when the failure may pass, 5xx when it will not.  The request
+streams the spooled message (multipart/form-data: JSON metadata, then the
+raw ``message/rfc822``), so a large message is never copied whole into
+memory or inflated by base64.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import attrs
+import treq
+from treq.client import HTTPClient
+from twisted.internet import ssl
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.error import ConnectError, DNSLookupError
+from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.logger import Logger
+from twisted.web.client import (
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    FileBodyProducer,
+    HTTPConnectionPool,
+)
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
+
+from mxmrelay.reply import Reply
+
+log = Logger(namespace="mxmrelay.forwarder")
+
+TEMPORARY = "Temporary failure, try again later"
+
+
+@implementer(IBodyProducer)
+class MultipartProducer:
+    """``metadata`` JSON part, then the message: rewritten header section
+    from memory, body streamed from the spool by ``FileBodyProducer``."""
+
+    def __init__(self, metadata: bytes, head: bytes, body: IO[bytes]) -> None:
+        self.boundary = os.urandom(16).hex()
+        b = self.boundary.encode()
+        self._pre = (
+            b"--" + b + b'\r\nContent-Disposition: form-data; name="metadata"\r\n'
+            b"Content-Type: application/json\r\n\r\n" + metadata + b"\r\n--" + b +
+            b'\r\nContent-Disposition: form-data; name="message"\r\n'
+            b"Content-Type: message/rfc822\r\n\r\n" + head
+        )
+        self._post = b"\r\n--" + b + b"--\r\n"
+        self._body = FileBodyProducer(body)
+        self.length = len(self._pre) + self._body.length + len(self._post)
+
+    @property
+    def content_type(self) -> bytes:
+        return b"multipart/form-data; boundary=" + self.boundary.encode()
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self._pre)
+        d: Deferred[None] = self._body.startProducing(consumer)
+        d.addCallback(lambda _: consumer.write(self._post))
+        return d
+
+    def pauseProducing(self) -> None:
+        self._body.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._body.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._body.stopProducing()
+
+
+@attrs.define
+class Forwarder:
+    """POSTs sends to the delivery API over one persistent connection pool."""
+
+    reactor: IReactorTime
+    url: str
+    token: str
+    timeout: float
+    ca_file: Path | None = None
+    pool: HTTPConnectionPool = attrs.field(init=False)
+    _client: HTTPClient = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.pool = HTTPConnectionPool(self.reactor, persistent=True)
+        self.pool.maxPersistentPerHost = 64
+        if self.ca_file is not None:
+            roots = ssl.trustRootFromCertificates(
+                [ssl.Certificate.loadPEM(self.ca_file.read_bytes())])
+            policy = BrowserLikePolicyForHTTPS(trustRoot=roots)
+        else:
+            policy = BrowserLikePolicyForHTTPS()
+        self._client = HTTPClient(Agent(self.reactor, contextFactory=policy,
+                                             pool=self.pool))
+
+    def close(self) -> Deferred[None]:
+        d: Deferred[None] = self.pool.closeCachedConnections()
+        return d
+
+    def forward(self, metadata: Mapping[str, Any], idempotency_key: str, head: bytes,
+                body: IO[bytes]) -> Deferred[str]:
+        """Send one message; fire with the id the API holds it under, or
+        fail with the :class:`Reply` to give the client."""
+        d = Deferred.fromCoroutine(self._post(metadata, idempotency_key, head, body))
+        d.addTimeout(self.timeout, self.reactor)
+        d.addErrback(self._network_failure)
+        return d
+
+    async def _post(self, metadata: Mapping[str, Any], key: str, head: bytes,
+                    body: IO[bytes]) -> str:
+        producer = MultipartProducer(json.dumps(metadata).encode(), head, body)
+        headers = Headers({
+            b"Authorization": [b"Bearer " + self.token.encode()],
+            b"Idempotency-Key": [key.encode()],
+            b"Content-Type": [producer.content_type],
+            b"Accept": [b"application/json"],
+        })
+        response = await self._client.post(self.url, data=producer, headers=headers,
+                                           allow_redirects=False)
+        content = await treq.content(response)
+        return self._outcome(response.code, content, metadata)
+
+    def _outcome(self, code: int, content: bytes, metadata: Mapping[str, Any]) -> str:
+        reason = _reason(content)
+        if 200 <= code < 300:
+            try:
+                send_id = json.loads(content)["id"]
+            except (ValueError, KeyError, TypeError):
+                send_id = None
+            if not isinstance(send_id, str) or not send_id.isascii() or not (
+                    send_id.replace("-", "").replace("_", "").isalnum()):
+                log.error("delivery API answered {code} without a usable id", code=code)
+                raise Reply(451, "4.3.0", TEMPORARY)
+            log.info("forwarded id={id} api_id={api_id} code={code}",
+                     id=metadata.get("id"), api_id=send_id, code=code)
+            return str(send_id)
+        log.warn("delivery API refused id={id}: {code} {reason}", id=metadata.get("id"),
+                 code=code, reason=reason)
+        if code in (401, 403):
+            # The relay's own credentials are wrong: an operator's problem
+            # that must not bounce the customer's mail.
+            log.critical("delivery API rejects the relay's token ({code})", code=code)
+            raise Reply(451, "4.3.0", f"{TEMPORARY} (relay not authorised by delivery API)")
+        if code in (408, 429) or code >= 500 or code < 200:
+            raise Reply(451, "4.3.0", f"{TEMPORARY} (delivery API answered {code})")
+        if code == 413:
+            raise Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+        raise Reply(554, "5.6.0", f"Rejected by delivery API: {reason or code}")
+
+    @staticmethod
+    def _network_failure(failure: Any) -> Any:
+        if failure.check(Reply):
+            return failure
+        if failure.check(TimeoutError, CancelledError):
+            log.warn("delivery API timed out")
+            raise Reply(451, "4.4.2", "Delivery API timed out, try again later")
+        if failure.check(ConnectError, DNSLookupError):
+            log.warn("delivery API unreachable: {error}", error=failure.getErrorMessage())
+            raise Reply(451, "4.4.1", "Delivery API unreachable, try again later")
+        log.failure("delivery API call failed", failure)
+        raise Reply(451, "4.4.2", "Connection to delivery API failed, try again later")
+
+
+def _reason(content: bytes) -> str:
+    """The API's reason, made safe for one SMTP reply line."""
+    text: Any = None
+    try:
+        text = json.loads(content).get("error")
+    except (ValueError, AttributeError):
+        pass
+    if not isinstance(text, str):
+        text = content.decode("utf-8", "replace")
+    clean = " ".join("".join(c if c.isprintable() else " " for c in str(text)).split())
+    return clean.encode("ascii", "replace").decode()[:200]

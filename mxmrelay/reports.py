@@ -1,0 +1,278 @@
+"""The transactional reports as server-rendered HTML, for people.
+
+Pure functions from stored sends to page bytes; :mod:`mxmrelay.refapi`
+fetches the data and serves the pages.  Everything shown here was written by
+customers' systems (tags, addresses, headers, bodies) and is hostile input,
+so every interpolated value goes through :func:`html.escape` and the pages
+are served with :data:`CONTENT_SECURITY_POLICY`, which forbids scripts,
+images, frames and forms posting elsewhere even if escaping were ever missed.
+No JavaScript is needed: the tag filter is a plain GET form.
+"""
+
+from __future__ import annotations
+
+import email
+import email.errors
+import email.header
+import email.policy
+import html
+import re
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+from urllib.parse import quote, urlencode
+
+if TYPE_CHECKING:
+    from mxmrelay.refapi import StoredSend
+
+CONTENT_SECURITY_POLICY = b"default-src 'none'; style-src 'unsafe-inline'"
+
+#: How much of a message the one-send page reads (headers and the body's start).
+PREVIEW_BYTES = 1024 * 1024
+#: How much body text the one-send page shows, over all its text parts.
+BODY_TEXT_MAX = 200 * 1024
+
+#: The X-Mxm-Flags bits, in the order the platform documents them.
+FLAG_NAMES = (
+    (1, "open tracking"),
+    (2, "click tracking"),
+    (4, "global unsubscribe list check"),
+    (8, "ignore global bounce list"),
+)
+
+_STYLE = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
+h1 { font-size: 1.4em; } h2 { font-size: 1.15em; margin-top: 1.5em; }
+table { border-collapse: collapse; width: 100%; }
+th, td { text-align: left; vertical-align: top; padding: .3em .5em;
+         border-bottom: 1px solid #ddd; overflow-wrap: anywhere; }
+thead th { background: #f3f3f3; }
+table.meta th, table.headers th { width: 12em; white-space: nowrap; }
+.tag { display: inline-block; background: #eef; border-radius: 3px;
+       padding: 0 .4em; margin: 0 .2em .2em 0; text-decoration: none; }
+pre { white-space: pre-wrap; overflow-wrap: anywhere; background: #f8f8f8;
+      padding: .6em; border: 1px solid #ddd; }
+form.filter input { margin-right: .3em; }
+.note { color: #666; } code { font-size: .95em; }
+"""
+
+# C0 controls other than tab and newline, and DEL: shown as U+FFFD.
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def _e(value: object) -> str:
+    """Escape anything for an HTML text node or a quoted attribute value."""
+    text = str(value).replace("\r\n", "\n")
+    return html.escape(_CONTROLS.sub("\ufffd", text), quote=True)
+
+
+def describe_flags(flags: int | None) -> str:
+    """``3`` -> ``"open tracking, click tracking"``; ``0`` -> ``"none"``."""
+    if flags is None:
+        return "n/a"
+    names = [name for bit, name in FLAG_NAMES if flags & bit]
+    return ", ".join(names) if names else "none"
+
+
+def _page(title: str, body: Iterable[str]) -> bytes:
+    return "".join(
+        [
+            '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">',
+            f"<title>{_e(title)}</title><style>{_STYLE}</style></head>\n<body>\n",
+            *body,
+            "\n</body></html>\n",
+        ]
+    ).encode("utf-8")
+
+
+def _tag_link(tag: str) -> str:
+    href = "/?" + urlencode({"tag": tag})
+    return f'<a class="tag" href="{_e(href)}">{_e(tag)}</a>'
+
+
+def _tags(tags: Sequence[str]) -> str:
+    return " ".join(_tag_link(t) for t in tags)
+
+
+def render_index(sends: Sequence[StoredSend], tags: Sequence[str], limit: int) -> bytes:
+    """The list of sends, newest first, with the tag filter form."""
+    out = ["<h1>Transactional sends</h1>\n"]
+    out.append('<form class="filter" method="get" action="/"><label>Tags (all must match): ')
+    out.extend(f'<input name="tag" value="{_e(t)}">' for t in tags)
+    out.append('<input name="tag" value="" placeholder="tag"></label>')
+    out.append(f'<input type="hidden" name="limit" value="{_e(limit)}">')
+    out.append('<button type="submit">Filter</button> <a href="/">Clear</a></form>\n')
+    shown = f"{len(sends)} send{'' if len(sends) == 1 else 's'}, newest first"
+    if tags:
+        shown += ", tagged " + ", ".join(f"<q>{_e(t)}</q>" for t in tags)
+    if len(sends) == limit:
+        shown += f" (at most {_e(limit)})"
+    out.append(f'<p class="summary">{shown}.</p>\n')
+    if not sends:
+        out.append('<p class="empty">No sends.</p>')
+        return _page("Transactional sends", out)
+    out.append(
+        '<table id="sends"><thead><tr><th>ID</th><th>Received</th><th>Customer</th>'
+        "<th>From</th><th>To</th><th>BCC</th><th>Flags</th><th>Tags</th></tr></thead>\n<tbody>\n"
+    )
+    for send in sends:
+        m = send.metadata
+        href = "/sends/" + quote(m.id, safe="")
+        out.append(
+            f'<tr class="send" id="send-{_e(m.id)}">'
+            f'<td class="id"><a href="{_e(href)}"><code>{_e(m.id)}</code></a></td>'
+            f'<td class="received"><time datetime="{_e(send.received_at)}">'
+            f"{_e(send.received_at)}</time></td>"
+            f'<td class="customer">{_e(m.customer)}</td>'
+            f'<td class="from">{_e(m.mail_from)}</td>'
+            f'<td class="to">{_e(m.to)}</td>'
+            f'<td class="bcc">{_e(m.bcc or "")}</td>'
+            f'<td class="flags" title="{_e(m.flags)}">{_e(describe_flags(m.flags))}</td>'
+            f'<td class="tags">{_tags(m.tags)}</td></tr>\n'
+        )
+    out.append("</tbody></table>")
+    return _page("Transactional sends", out)
+
+
+def render_send(send: StoredSend, message: bytes) -> bytes:
+    """One send: its metadata, its message's headers, and its text.
+
+    ``message`` is the message's start (at most :data:`PREVIEW_BYTES`).
+    """
+    m = send.metadata
+    raw = f"/v1/sends/{quote(m.id, safe='')}/message"
+    out = [
+        f"<h1>Send <code>{_e(m.id)}</code></h1>\n",
+        f'<p><a href="/">All sends</a> · <a id="raw" href="{_e(raw)}">Raw message</a>'
+        f" ({_e(send.size)} bytes)</p>\n",
+        '<h2>Metadata</h2>\n<table class="meta" id="metadata">',
+    ]
+    client = m.client
+    rows = [
+        ("ID", f"<code>{_e(m.id)}</code>"),
+        ("Received", _e(send.received_at)),
+        ("Customer", _e(m.customer)),
+        ("User", _e(m.user)),
+        ("From", _e(m.mail_from)),
+        ("Return-Path", _e(m.return_path)),
+        ("To", _e(m.to)),
+        ("BCC", _e(m.bcc or "none")),
+        ("Flags", f"{_e(describe_flags(m.flags))} ({_e(m.flags)})"),
+        (
+            "BCC flags",
+            _e(describe_flags(m.bcc_flags))
+            + ("" if m.bcc_flags is None else f" ({_e(m.bcc_flags)})"),
+        ),
+        ("Tags", _tags(m.tags) or "none"),
+        ("Message-ID", _e(m.message_id or "none")),
+        ("Client", _e(f"{client.address} via {client.listener}, TLS {client.tls_version}")),
+        ("Idempotency-Key", f"<code>{_e(send.idempotency_key)}</code>"),
+        ("Size", f"{_e(send.size)} bytes"),
+    ]
+    out.extend(f"<tr><th>{_e(name)}</th><td>{value}</td></tr>" for name, value in rows)
+    out.append("</table>\n")
+
+    head, body = split_message(message)
+    out.append('<h2>Headers</h2>\n<table class="headers" id="headers">')
+    out.extend(
+        f'<tr><th class="name">{_e(name)}</th><td class="value">{_e(value)}</td></tr>'
+        for name, value in parse_headers(head)
+    )
+    out.append("</table>\n")
+
+    out.append('<h2>Body</h2>\n<section id="body">')
+    if len(message) < send.size:
+        out.append(
+            f'<p class="note">Only the first {_e(len(message))} bytes are shown here; '
+            f'see the <a href="{_e(raw)}">raw message</a>.</p>'
+        )
+    for label, text in body_parts(message, body):
+        out.append(f'<h3 class="part">{_e(label)}</h3>')
+        if text is not None:
+            out.append(f'<pre class="text">{_e(text)}</pre>')
+    out.append("</section>")
+    return _page(f"Send {m.id}", out)
+
+
+def render_error(status: int, message: str) -> bytes:
+    body = f'<h1>{_e(status)}</h1>\n<p class="error">{_e(message)}</p>\n'
+    return _page(str(status), [body, '<p><a href="/">All sends</a></p>'])
+
+
+def split_message(message: bytes) -> tuple[bytes, bytes]:
+    """Split at the first empty line into the header block and the body."""
+    if message.startswith((b"\r\n", b"\n")):
+        return b"", message.split(b"\n", 1)[1]
+    match = re.search(rb"\r?\n\r?\n", message)
+    if match is None:
+        return message, b""
+    return message[: match.start()], message[match.end() :]
+
+
+def parse_headers(block: bytes) -> list[tuple[str, str]]:
+    """The header fields, unfolded and decoded for display, in order.
+
+    Decoding never fails: bad UTF-8 and bad encoded-words are shown as they
+    are (with U+FFFD), because this page is for looking at what was sent.
+    """
+    fields: list[tuple[bytes, bytes]] = []
+    for line in re.split(rb"\r?\n", block):
+        if line[:1] in (b" ", b"\t") and fields:
+            name, value = fields[-1]
+            fields[-1] = (name, value + b" " + line.strip())
+        elif line:
+            name, _, value = line.partition(b":")
+            fields.append((name.strip(), value.strip()))
+    return [(n.decode("utf-8", "replace"), display_header(v)) for n, v in fields]
+
+
+def display_header(value: bytes) -> str:
+    """A header value as text, RFC 2047 encoded-words decoded where valid."""
+    text = value.decode("utf-8", "replace")
+    try:
+        return str(email.header.make_header(email.header.decode_header(text)))
+    except (LookupError, ValueError, email.errors.HeaderParseError):
+        return text
+
+
+def body_parts(message: bytes, body: bytes) -> list[tuple[str, str | None]]:
+    """The message's leaf parts: a label each, and the text of text parts.
+
+    Text parts are decoded (transfer encoding, then charset with
+    ``errors='replace'``) up to :data:`BODY_TEXT_MAX` characters in all;
+    other parts are only named.  A message the ``email`` package cannot
+    make sense of is shown as its raw body.
+    """
+    parts: list[tuple[str, str | None]] = []
+    budget = BODY_TEXT_MAX
+    try:
+        parsed = email.message_from_bytes(message, policy=email.policy.compat32)
+        for part in parsed.walk():
+            if part.is_multipart():
+                continue
+            ctype = part.get_content_type()
+            filename = part.get_filename()
+            label = ctype + (f" ({filename})" if filename else "")
+            if part.get_content_maintype() != "text":
+                parts.append((label + ": not shown", None))
+                continue
+            payload = part.get_payload(decode=True)
+            data = payload if isinstance(payload, bytes) else b""
+            text = _decode(data, part.get_content_charset() or "utf-8")
+            if budget <= 0:
+                parts.append((label + ": not shown (length limit)", None))
+                continue
+            if len(text) > budget:
+                text = text[:budget] + "\n[… truncated]"
+            budget -= len(text)
+            parts.append((label, text))
+    except Exception:  # Hostile input: any parser failure falls back to raw.
+        raw = body[:BODY_TEXT_MAX].decode("utf-8", "replace")
+        return [("raw body", raw)]
+    return parts
+
+
+def _decode(data: bytes, charset: str) -> str:
+    try:
+        return data.decode(charset, "replace")
+    except (LookupError, ValueError):  # An unknown or non-text codec name.
+        return data.decode("utf-8", "replace")
