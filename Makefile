@@ -17,7 +17,7 @@ run: $(VENV)/.installed $(CERT)
 test: $(VENV)/.installed $(CERT) tools lint typecheck unit
 
 unit: $(VENV)/.installed $(CERT)
-	$(BIN)/trial --temp-directory=var/_trial_temp tests
+	$(BIN)/python -m twisted.trial --temp-directory=var/_trial_temp tests
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check mxmrelay tests twisted bench

@@ -13,7 +13,8 @@ from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IProtocolFactory, IReactorTime
+from twisted.internet.ssl import CertificateOptions
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.server import Site
 
@@ -68,27 +69,49 @@ def make_service(config: Config, reactor: Any, directory: IDirectory | None = No
     if not config.listeners:
         return top
     assert config.delivery_api is not None
-    tls = server_context(config.tls.certificate, config.tls.private_key)
-    if directory is None:
-        directory = IDirectory(TomlDirectory.from_file(config.directory))
     api_cfg = config.delivery_api
     forwarder = Forwarder(reactor, api_cfg.url, api_cfg.token, api_cfg.timeout, api_cfg.ca_file)
     _Cleanup(forwarder.close).setServiceParent(top)
-    portal = Portal(Realm(Outbound(forwarder, config.hostname, config.bounce_template,
-                                   config.spool_memory)),
-                    [DirectoryChecker(directory)])
-    settings = settings_for(config, portal, tls, reactor)
-    factories = []
+    relay = Relay.build(config, reactor, forwarder, directory)
     for listener in config.listeners:
-        smtp = SMTPFactory(settings, listener.role, reactor)
-        factories.append(smtp)
-        factory: Any = smtp
-        if listener.role == "smtps":
-            factory = ImplicitTLSFactory(TLSMemoryBIOFactory(tls, False, smtp), reactor,
-                                         PLAINTEXT_HINT_AFTER, config.idle_timeout)
+        factory = relay.factory(listener.role)
         strports.service(listener.endpoint, factory, reactor=reactor).setServiceParent(top)
-    _Goodbye(factories).setServiceParent(top)
+    _Goodbye(relay.factories).setServiceParent(top)
     return top
+
+
+class Relay:
+    """The relay's protocol factories, one per role, sharing one portal,
+    one TLS context and one set of AUTH failure counters."""
+
+    def __init__(self, config: Config, reactor: Any, settings: Settings,
+                 tls: CertificateOptions) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.settings = settings
+        self.tls = tls
+        self.factories: list[SMTPFactory] = []
+
+    @classmethod
+    def build(cls, config: Config, reactor: Any, forwarder: Forwarder,
+              directory: IDirectory | None = None) -> Relay:
+        tls = server_context(config.tls.certificate, config.tls.private_key)
+        if directory is None:
+            directory = IDirectory(TomlDirectory.from_file(config.directory))
+        outbound = Outbound(forwarder, config.hostname, config.bounce_template,
+                            config.spool_memory)
+        portal = Portal(Realm(outbound), [DirectoryChecker(directory)])
+        return cls(config, reactor, settings_for(config, portal, tls, reactor), tls)
+
+    def factory(self, role: str) -> IProtocolFactory:
+        """The factory to listen with for ``role``: the SMTP factory, behind
+        the implicit-TLS front for ``smtps``."""
+        smtp = SMTPFactory(self.settings, role, self.reactor)
+        self.factories.append(smtp)
+        if role != "smtps":
+            return smtp
+        return ImplicitTLSFactory(TLSMemoryBIOFactory(self.tls, False, smtp), self.reactor,
+                                  PLAINTEXT_HINT_AFTER, self.config.idle_timeout)
 
 
 def settings_for(config: Config, portal: Portal, tls: Any, clock: IReactorTime) -> Settings:
