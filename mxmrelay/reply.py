@@ -7,23 +7,35 @@ a rule can never turn into a 250 followed by a silent drop.
 
 from __future__ import annotations
 
-import attrs
 
+class Reply(Exception):  # noqa: N818 - it is a reply first, an error second
+    """A reply: code, enhanced status code (RFC 3463), one line of text.
 
-@attrs.frozen
-class Reply(Exception):
-    code: int
-    enhanced: str
-    text: str
+    A plain class, not attrs: attrs exceptions compare by identity, and a
+    reply is a value.
+    """
 
-    def __attrs_post_init__(self) -> None:
-        # Reply texts come from the network (API reasons, addresses): they
+    def __init__(self, code: int, enhanced: str, text: str) -> None:
+        # Texts can come from the network (API reasons, addresses): they
         # must never break the line protocol.
-        if any(c in self.text for c in "\r\n\0"):
-            object.__setattr__(self, "text", " ".join(self.text.split()).replace("\0", ""))
+        if any(c in text for c in "\r\n\0"):
+            text = " ".join(text.replace("\0", " ").split())
+        super().__init__(code, enhanced, text)
+        self.code, self.enhanced, self.text = code, enhanced, text
 
     def encode(self) -> bytes:
         return f"{self.code} {self.enhanced} {self.text}\r\n".encode("utf-8", "replace")
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Reply):
+            return NotImplemented
+        return (self.code, self.enhanced, self.text) == (other.code, other.enhanced, other.text)
+
+    def __hash__(self) -> int:
+        return hash((self.code, self.enhanced, self.text))
+
     def __str__(self) -> str:
         return f"{self.code} {self.enhanced} {self.text}"
+
+    def __repr__(self) -> str:
+        return f"Reply({self.code}, {self.enhanced!r}, {self.text!r})"

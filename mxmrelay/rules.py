@@ -257,18 +257,28 @@ class _Mailbox(NamedTuple):
     angle: tuple[int, int] | None
     #: The addr-spec's tokens, without spaces, comments or source route.
     addr: tuple[_Token, ...]
-    in_group: bool
+    #: No ``<`` at all: a bare addr-spec (or something failing to be one).
+    bare: bool
+
+
+class _AddressList(NamedTuple):
+    boxes: list[_Mailbox]
+    #: Exactly one mailbox and no group syntax: nothing to rewrite but it.
+    alone: bool
 
 
 def _special(buf: bytes, token: _Token, char: bytes) -> bool:
     return token.kind == _SPECIAL and buf[token.start] == char[0]
 
 
-def _mailboxes(buf: bytes, start: int, end: int) -> list[_Mailbox]:
-    """Split an address-list into mailboxes, keeping byte spans, never failing."""
+def _mailboxes(buf: bytes, start: int, end: int) -> _AddressList:
+    """Split an address-list into mailboxes, keeping byte spans, never failing.
+
+    Group names are dropped and group members count as mailboxes.
+    """
     boxes: list[_Mailbox] = []
     segment: list[_Token] = []
-    in_angle = in_group = False
+    in_angle = grouped = False
     for t in _tokenize(buf, start, end):
         if t.kind == _SPECIAL:
             c = buf[t.start]
@@ -278,18 +288,17 @@ def _mailboxes(buf: bytes, start: int, end: int) -> list[_Mailbox]:
                 in_angle = False
             elif not in_angle and c in b",;:":
                 if c == 0x3A:  # ':' opens a group; its name is no mailbox
-                    in_group = True
+                    grouped = True
                 else:
-                    _add_mailbox(buf, segment, in_group, boxes)
-                    in_group = in_group and c != 0x3B
+                    _add_mailbox(buf, segment, boxes)
                 segment = []
                 continue
         segment.append(t)
-    _add_mailbox(buf, segment, in_group, boxes)
-    return boxes
+    _add_mailbox(buf, segment, boxes)
+    return _AddressList(boxes, len(boxes) == 1 and not grouped)
 
 
-def _add_mailbox(buf: bytes, segment: list[_Token], in_group: bool, out: list[_Mailbox]) -> None:
+def _add_mailbox(buf: bytes, segment: list[_Token], out: list[_Mailbox]) -> None:
     solid = [t for t in segment if t.kind != _SPACE]
     if all(t.kind == _COMMENT for t in solid):
         return
@@ -298,7 +307,7 @@ def _add_mailbox(buf: bytes, segment: list[_Token], in_group: bool, out: list[_M
     if lt is None:
         comments = tuple((t.start, t.end) for t in solid if t.kind == _COMMENT)
         addr = tuple(t for t in solid if t.kind != _COMMENT)
-        out.append(_Mailbox(span, None, comments, None, addr, in_group))
+        out.append(_Mailbox(span, None, comments, None, addr, True))
         return
     phrase = solid[:lt]
     gt = next((i for i in range(lt + 1, len(solid)) if _special(buf, solid[i], b">")), None)
@@ -314,7 +323,7 @@ def _add_mailbox(buf: bytes, segment: list[_Token], in_group: bool, out: list[_M
         after = solid[gt + 1 :] if gt is not None else []
         comments = tuple((t.start, t.end) for t in phrase + after if t.kind == _COMMENT)
     angle = (solid[lt].end, solid[gt].start) if gt is not None else None
-    out.append(_Mailbox(span, name, comments, angle, tuple(inner), in_group))
+    out.append(_Mailbox(span, name, comments, angle, tuple(inner), False))
 
 
 class _Address(NamedTuple):
@@ -568,7 +577,8 @@ def _recipient(
     if not fields:
         return _violation("No To header: the message needs one To recipient")
     field = fields[0]
-    boxes = _mailboxes(section, field.value_start, field.value_end)
+    parsed = _mailboxes(section, field.value_start, field.value_end)
+    boxes = parsed.boxes
     if not boxes:
         return _violation("The To header has no address: the message needs one To recipient")
     box = boxes[0]
@@ -580,8 +590,7 @@ def _recipient(
     key = _address_key(section, address)
     if not any(_envelope_key(r) == key for r in recipients):
         return _violation(f"To address {_show(text)} is not one of the RCPT TO recipients")
-    keep = len(boxes) == 1 and not box.in_group
-    return field, text, key, None if keep else box
+    return field, text, key, None if parsed.alone else box
 
 
 def _name_bytes(section: bytes, field: _Field) -> bytes:
@@ -597,23 +606,18 @@ def _from_field(section: bytes, fields: list[_Field], mail_from: bytes) -> bytes
     """The one From field, the address replaced and the alias kept."""
     first = fields[0]
     name = _name_bytes(section, first)
-    boxes = [(f, b) for f in fields for b in _mailboxes(section, f.value_start, f.value_end)]
-    if len(fields) == 1 and len(boxes) == 1:
-        _, box = boxes[0]
-        if not box.in_group:
-            if box.angle is not None:
-                where: tuple[int, int] | None = box.angle
-            elif box.addr and _address(section, box.addr) is not None:
-                where = (box.addr[0].start, box.addr[-1].end)
-            else:
-                where = None
-            if where is not None:
-                return (
-                    section[first.start : where[0]]
-                    + mail_from
-                    + section[where[1] : first.value_end]
-                )
-    for _, box in boxes:
+    lists = [_mailboxes(section, f.value_start, f.value_end) for f in fields]
+    if len(lists) == 1 and lists[0].alone:
+        box = lists[0].boxes[0]
+        where: tuple[int, int] | None = None
+        if box.angle is not None:
+            where = box.angle
+        elif box.bare and _address(section, box.addr) is not None:
+            where = (box.addr[0].start, box.addr[-1].end)
+        if where is not None:
+            return section[first.start : where[0]] + mail_from + section[where[1] : first.value_end]
+    boxes = [box for parsed in lists for box in parsed.boxes]
+    for box in boxes:
         if box.name is not None:
             display = section[box.name[0] : box.name[1]]
             nl = display.rfind(b"\n")
@@ -621,7 +625,7 @@ def _from_field(section: bytes, fields: list[_Field], mail_from: bytes) -> bytes
             # Fold before the address rather than make the last line longer than 78.
             space = b"\r\n " if last_line + len(mail_from) + 3 > 78 else b" "
             return name + b" " + display + space + b"<" + mail_from + b">"
-    for _, box in boxes:
+    for box in boxes:
         if box.comments:
             return name + b" " + mail_from + b" " + _join(section, box.comments)
     return name + b" <" + mail_from + b">"
@@ -680,7 +684,7 @@ def received_header(
     field (no controls, spaces or angle brackets).
     """
     lines = [
-        [f"Received: from {_host(helo, 'unknown')}", f"({_tcp_info(client_address)})"],
+        ["Received: from", _host(helo, "unknown"), f"({_tcp_info(client_address)})"],
         [
             f"by {_host(by_host, 'localhost')}",
             f"with {_host(protocol, 'ESMTP')}",

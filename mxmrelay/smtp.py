@@ -147,10 +147,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._factory: Callable[[], IBulkMessage] | None = None
         # the DATA state
         self._message: IBulkMessage | None = None
-        self._carry = b""
-        self._data_first = True
-        self._data_size = 0
-        self._data_error: Reply | None = None
+        self._reader: DataReader | None = None
 
     # -- connection ---------------------------------------------------------
 
@@ -568,11 +565,9 @@ class SMTPServer(Protocol, TimeoutMixin):
         if arg.strip():
             raise Reply(501, "5.5.4", "Syntax: DATA")
         # One transaction, one message, however many recipients.
-        self._message = self._factory()
-        self._carry = b"\r\n"
-        self._data_first = True
-        self._data_size = 0
-        self._data_error = None
+        message = self._message = self._factory()
+        self._reader = DataReader(message.write, message.connectionLost,
+                                  self.settings.max_message_size)
         self._write(b"354 End data with <CR><LF>.<CR><LF>\r\n")
 
     def do_RSET(self, arg: str) -> None:
@@ -600,75 +595,23 @@ class SMTPServer(Protocol, TimeoutMixin):
     # -- DATA -----------------------------------------------------------------
 
     def _data(self, data: bytes) -> None:
-        """Take DATA bytes.  The stream is handled as if it began with CRLF
-        (``_carry`` starts so), so every line start is a CRLF: the
-        terminator is always ``CRLF.CRLF`` and never a bare LF form."""
-        buf = self._carry + data
-        end = buf.find(_TERMINATOR)
-        if end >= 0:
-            self._carry = b""
-            if self._data_error is None:
-                self._emit(buf[:end + 2])
-            self._end_of_data(buf[end + 5:])
-            return
-        if self._data_error is not None:
-            self._carry = buf[-4:]
-            return
-        cut = buf.rfind(b"\r\n")
-        if len(buf) - cut > TEXT_LINE_LIMIT + 2:
-            # The line in progress is already too long: stop keeping it.
-            self._refuse_data(Reply(500, "5.5.2", "Line too long"))
-            self._carry = buf[-4:]
-            return
-        self._carry = buf[cut:]
-        if cut > 0:
-            self._emit(buf[:cut])
-
-    def _emit(self, region: bytes) -> None:
-        """Pass on complete lines (each preceded by its CRLF)."""
-        if _has_long_line(region, TEXT_LINE_LIMIT):
-            self._refuse_data(Reply(500, "5.5.2", "Line too long"))
-            return
-        crlf = region.count(b"\r\n")
-        if crlf != region.count(b"\n") or crlf != region.count(b"\r"):
-            # Bare CR or LF: normalised to CRLF (documented policy).  They
-            # never end DATA, so they cannot smuggle a second message.
-            region = _LINE_ENDING.sub(b"\r\n", region)
-        if b"\r\n." in region:
-            region = region.replace(b"\r\n.", b"\r\n")
-        if self._data_first:
-            self._data_first = False
-            region = region[2:]
-        self._data_size += len(region)
-        if self._data_size > self.settings.max_message_size:
-            self._refuse_data(Reply(552, "5.3.4",
-                                    "Message size exceeds fixed maximum message size"))
-            return
-        assert self._message is not None
-        try:
-            self._message.write(region)
-        except Reply as reply:
-            self._refuse_data(reply)
-
-    def _refuse_data(self, reply: Reply) -> None:
-        """Keep reading to the end of DATA, storing nothing, then reply."""
-        if self._data_error is None:
-            self._data_error = reply
-            if self._message is not None:
-                self._message.connectionLost()
+        assert self._reader is not None
+        rest = self._reader.feed(data)
+        if rest is not None:
+            self._end_of_data(rest)
 
     def _end_of_data(self, rest: bytes) -> None:
         message, self._message = self._message, None
+        reader, self._reader = self._reader, None
         self._buffer = rest + self._buffer
-        assert message is not None
-        if self._data_error is not None:
-            self._reply(self._data_error)
-            self._data_error = None
+        assert message is not None and reader is not None
+        if reader.error is not None:
+            self._reply(reader.error)
             self._reset()
             return
         log.info("data client={client} user={user} from={sender} rcpts={rcpts} size={size}",
                  client=self.session.client, user=self.session.user, sender=self._mail_from,
-                 rcpts=len(self._rcpts), size=self._data_size)
+                 rcpts=len(self._rcpts), size=reader.size)
 
         def done(send_id: str) -> None:
             self._reset()
@@ -679,6 +622,81 @@ class SMTPServer(Protocol, TimeoutMixin):
             self._refused(f)
 
         self._wait(maybeDeferred(message.eomReceived), done, failed)
+
+
+class DataReader:
+    """DATA framing, as a pure state machine over chunks of bytes.
+
+    The stream is handled as if it began with CRLF (``_carry`` starts so),
+    so that every line start is a CRLF: the terminator is always
+    ``CRLF.CRLF``, never a bare-LF or bare-CR form (SMTP smuggling), and
+    dot-unstuffing is one ``replace``.  Complete lines go to ``sink`` in
+    chunks; a partial line waits in ``_carry``.  After an error (size, long
+    line, or a ``Reply`` raised by ``sink``) nothing more is stored, but
+    the reader goes on to the terminator, so the session stays in step.
+    """
+
+    def __init__(self, sink: Callable[[bytes], None], discard: Callable[[], None],
+                 max_size: int) -> None:
+        self._sink = sink
+        self._discard = discard
+        self._max_size = max_size
+        self._carry = b"\r\n"
+        self._first = True
+        self.size = 0
+        self.error: Reply | None = None
+
+    def feed(self, data: bytes) -> bytes | None:
+        """Take bytes; at the terminator, return what followed it."""
+        buf = self._carry + data
+        end = buf.find(_TERMINATOR)
+        if end >= 0:
+            self._carry = b""
+            if self.error is None:
+                self._emit(buf[:end + 2])
+            return buf[end + 5:]
+        if self.error is not None:
+            self._carry = buf[-4:]
+            return None
+        cut = buf.rfind(b"\r\n")
+        if len(buf) - cut > TEXT_LINE_LIMIT + 2:
+            # The line in progress is already too long: stop keeping it.
+            self._fail(Reply(500, "5.5.2", "Line too long"))
+            self._carry = buf[-4:]
+            return None
+        self._carry = buf[cut:]
+        if cut > 0:
+            self._emit(buf[:cut])
+        return None
+
+    def _emit(self, region: bytes) -> None:
+        """Pass on complete lines (each preceded by its CRLF)."""
+        if _has_long_line(region, TEXT_LINE_LIMIT):
+            self._fail(Reply(500, "5.5.2", "Line too long"))
+            return
+        crlf = region.count(b"\r\n")
+        if crlf != region.count(b"\n") or crlf != region.count(b"\r"):
+            # Bare CR or LF: normalised to CRLF (documented policy).  They
+            # never end DATA, so they cannot smuggle a second message.
+            region = _LINE_ENDING.sub(b"\r\n", region)
+        if b"\r\n." in region:
+            region = region.replace(b"\r\n.", b"\r\n")
+        if self._first:
+            self._first = False
+            region = region[2:]
+        self.size += len(region)
+        if self.size > self._max_size:
+            self._fail(Reply(552, "5.3.4", "Message size exceeds fixed maximum message size"))
+            return
+        try:
+            self._sink(region)
+        except Reply as reply:
+            self._fail(reply)
+
+    def _fail(self, reply: Reply) -> None:
+        if self.error is None:
+            self.error = reply
+            self._discard()
 
 
 def _has_long_line(region: bytes, limit: int) -> bool:

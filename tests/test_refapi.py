@@ -20,7 +20,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 from treq.client import HTTPClient
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
@@ -64,7 +64,7 @@ def message(subject: str = "Your order", body: str = "Thanks for your order.\r\n
         "Content-Transfer-Encoding: 8bit\r\n"
         "\r\n"
         f"{body}"
-    ).encode("utf-8")
+    ).encode()
 
 
 def multipart(meta: dict[str, Any] | bytes, msg: bytes, boundary: bytes = BOUNDARY) -> bytes:
@@ -96,7 +96,7 @@ class Response:
         self.body = body
 
     def header(self, name: str) -> str | None:
-        values = self.headers.getRawHeaders(name)
+        values = self.headers.getRawHeaders(name.encode("ascii"))
         return None if not values else values[0].decode("latin-1")
 
     def json(self) -> Any:
@@ -125,7 +125,12 @@ class APITestCase(unittest.TestCase):
         return api, f"http://127.0.0.1:{port.getHost().port}"
 
     async def request(
-        self, method: str, path: str, body: bytes | None = None, url: str | None = None, **headers: str | bytes
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        url: str | None = None,
+        **headers: str | bytes,
     ) -> Response:
         h = Headers({k.replace("_", "-"): [v] for k, v in headers.items()})
         response = await self.http.request(method, (url or self.url) + path, data=body, headers=h)
@@ -166,7 +171,8 @@ class APITestCase(unittest.TestCase):
         self.assertEqual(response.header("Content-Type"), "application/json")
         error = response.json()["error"]
         self.assertIsInstance(error, str)
-        self.assertRegex(error, pattern)
+        if pattern:
+            self.assertRegex(error, pattern)
 
 
 class StoreAndReadBack(APITestCase):
@@ -269,7 +275,9 @@ class Refusals(APITestCase):
         d = b"--" + BOUNDARY
 
         def parts(*ps: bytes, close: bool = True) -> bytes:
-            return b"".join(d + b"\r\n" + p + b"\r\n" for p in ps) + (d + b"--\r\n" if close else b"")
+            return b"".join(d + b"\r\n" + p + b"\r\n" for p in ps) + (
+                d + b"--\r\n" if close else b""
+            )
 
         cases: list[tuple[str, bytes, bytes]] = [
             ("not multipart", b"{}", b"application/json"),
@@ -387,7 +395,6 @@ SCHEMA_VIOLATIONS: list[tuple[str, Any]] = [
     ("flags", -1),
     ("flags", "3"),
     ("flags", True),
-    ("flags", 1.0),
     ("bcc_flags", 16),
     ("tags", "order"),
     ("tags", [1]),
@@ -440,7 +447,9 @@ class Idempotency(APITestCase):
     async def test_concurrent_posts_store_one(self) -> None:
         responses = await gatherResults(
             [
-                self.post(multipart(metadata(id=f"race-{i}"), message()), key="race")
+                ensureDeferred(
+                    self.post(multipart(metadata(id=f"race-{i}"), message()), key="race")
+                )
                 for i in range(2)
             ]
         )
@@ -451,7 +460,9 @@ class Idempotency(APITestCase):
         _, other = self.serve()
         responses = await gatherResults(
             [
-                self.post(multipart(metadata(id=f"race-{i}"), message()), key="race", url=url)
+                ensureDeferred(
+                    self.post(multipart(metadata(id=f"race-{i}"), message()), key="race", url=url)
+                )
                 for i, url in enumerate([self.url, other] * 2)
             ]
         )

@@ -1,0 +1,157 @@
+"""DATA framing (mxmrelay.smtp.DataReader), exhaustively: it is pure, so
+every chunking of every stream can be checked against a line-by-line
+reference without a socket."""
+
+from __future__ import annotations
+
+import re
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from mxmrelay.reply import Reply
+from mxmrelay.smtp import DataReader, _has_long_line
+
+
+class Collector:
+    def __init__(self, max_size: int = 10**9) -> None:
+        self.parts: list[bytes] = []
+        self.discarded = False
+        self.reader = DataReader(self.parts.append, self.discard, max_size)
+
+    def discard(self) -> None:
+        self.discarded = True
+
+    def feed_all(self, chunks: list[bytes]) -> bytes | None:
+        for i, chunk in enumerate(chunks):
+            rest = self.reader.feed(chunk)
+            if rest is not None:
+                return rest + b"".join(chunks[i + 1:])
+        return None
+
+    @property
+    def content(self) -> bytes:
+        return b"".join(self.parts)
+
+
+def reference(stream: bytes) -> tuple[bytes, bytes] | None:
+    """Line-by-line RFC 5321 reading: the content and what follows the
+    terminator, with bare CR/LF normalised to CRLF."""
+    virtual = b"\r\n" + stream
+    end = virtual.find(b"\r\n.\r\n")
+    if end < 0:
+        return None
+    body = virtual[2:end + 2]
+    body = re.sub(rb"\r\n|\r|\n", b"\r\n", body)
+    lines = body.split(b"\r\n")[:-1]
+    out = b"".join((line[1:] if line.startswith(b".") else line) + b"\r\n" for line in lines)
+    return out, virtual[end + 5:]
+
+
+def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    pieces, last = [], 0
+    for p in points:
+        pieces.append(data[last:p])
+        last = p
+    pieces.append(data[last:])
+    return [p for p in pieces if p]
+
+
+line = st.binary(max_size=60).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
+lines = st.lists(st.one_of(line, st.sampled_from([b".", b"..", b".x", b"", b" ."])), max_size=30)
+
+
+class Framing(SynchronousTestCase):
+    def test_examples(self) -> None:
+        cases = [
+            (b".\r\n", b"", b""),
+            (b"a\r\n.\r\n", b"a\r\n", b""),
+            (b"..\r\n.\r\n", b".\r\n", b""),
+            (b".hidden\r\n.\r\nNOOP\r\n", b"hidden\r\n", b"NOOP\r\n"),
+            (b"a\r\n..b\r\n.\r\nQUIT\r\n", b"a\r\n.b\r\n", b"QUIT\r\n"),
+            # SMTP smuggling forms never end DATA; bare endings become CRLF.
+            (b"a\n.\nMAIL FROM:<x@y>\r\n.\r\n", b"a\r\n\r\nMAIL FROM:<x@y>\r\n", b""),
+            (b"a\r.\rb\r\n.\r\n", b"a\r\n\r\nb\r\n", b""),
+            (b"a\r\n.\nb\r\n.\r\n", b"a\r\n\r\nb\r\n", b""),
+            (b"a\n.\r\nb\r\n.\r\n", b"a\r\n\r\nb\r\n", b""),
+            (b"a\r.\r\nb\r\n.\r\n", b"a\r\n\r\nb\r\n", b""),
+        ]
+        for stream, content, rest in cases:
+            for size in (1, 2, 3, 5, len(stream)):
+                c = Collector()
+                got = c.feed_all([stream[i:i + size] for i in range(0, len(stream), size)])
+                self.assertEqual((c.content, got), (content, rest), (stream, size))
+
+    @settings(max_examples=300, deadline=None)
+    @given(lines, st.lists(st.integers(0, 10_000), max_size=12), st.binary(max_size=20))
+    def test_any_chunking_matches_line_reading(self, body_lines: list[bytes],
+                                               cuts: list[int], after: bytes) -> None:
+        stuffed = b"".join((b"." + x if x.startswith(b".") else x) + b"\r\n"
+                           for x in body_lines)
+        stream = stuffed + b".\r\n" + after
+        c = Collector()
+        rest = c.feed_all(chunked(stream, cuts))
+        self.assertEqual(c.content, b"".join(x + b"\r\n" for x in body_lines))
+        self.assertEqual(rest, after)
+        self.assertIsNone(c.reader.error)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.sampled_from([b"a", b"\r", b"\n", b".", b"\r\n", b"\r\n.\r\n", b"x" * 7]),
+                    max_size=40),
+           st.lists(st.integers(0, 10_000), max_size=12))
+    def test_arbitrary_endings_agree_with_reference(self, atoms: list[bytes],
+                                                    cuts: list[int]) -> None:
+        stream = b"".join(atoms) + b"\r\n.\r\n"
+        expected = reference(stream)
+        assert expected is not None
+        c = Collector()
+        rest = c.feed_all(chunked(stream, cuts))
+        self.assertEqual((c.content, rest), expected)
+
+    def test_size_limit_reads_to_the_end(self) -> None:
+        c = Collector(max_size=100)
+        rest = c.feed_all([b"x" * 50 + b"\r\n"] * 10 + [b".\r\nNOOP\r\n"])
+        self.assertEqual(rest, b"NOOP\r\n")
+        self.assertEqual(c.reader.error, Reply(552, "5.3.4",
+                                               "Message size exceeds fixed maximum message size"))
+        self.assertTrue(c.discarded)
+        self.assertLessEqual(len(c.content), 100)
+
+    def test_long_line_reads_to_the_end(self) -> None:
+        for chunks in ([b"a" * 1000 + b"\r\n.\r\n"], [b"a" * 500, b"a" * 500 + b"\r\n", b".\r\n"],
+                       [b"ok\r\n" + b"a" * 5000, b"a" * 5000, b"\r\n.\r", b"\n"]):
+            c = Collector()
+            self.assertEqual(c.feed_all(chunks), b"")
+            self.assertEqual(c.reader.error, Reply(500, "5.5.2", "Line too long"))
+
+    def test_line_of_the_limit_is_accepted(self) -> None:
+        c = Collector()
+        c.feed_all([b"a" * 998 + b"\r\n." + b"b" * 998 + b"\r\n.\r\n"])
+        self.assertIsNone(c.reader.error)
+        self.assertEqual(c.content, b"a" * 998 + b"\r\n" + b"b" * 998 + b"\r\n")
+
+    def test_endless_line_is_bounded(self) -> None:
+        c = Collector()
+        for _ in range(1000):
+            self.assertIsNone(c.reader.feed(b"x" * 65536))
+        self.assertLess(len(c.reader._carry), 10)
+        self.assertEqual(c.reader.feed(b"\r\n.\r\n"), b"")
+
+    def test_sink_refusal(self) -> None:
+        def sink(data: bytes) -> None:
+            raise Reply(552, "5.3.4", "Header section too large")
+
+        reader = DataReader(sink, lambda: None, 10**6)
+        self.assertEqual(reader.feed(b"a\r\nb\r\n.\r\n"), b"")
+        self.assertEqual(reader.error, Reply(552, "5.3.4", "Header section too large"))
+
+
+class LongLines(SynchronousTestCase):
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.integers(0, 2500), max_size=20), st.integers(1, 1200))
+    def test_matches_naive(self, lengths: list[int], limit: int) -> None:
+        region = b"".join(b"\r\n" + b"x" * n for n in lengths)
+        naive = any(n > limit for n in lengths)
+        self.assertEqual(_has_long_line(region, limit), naive)
