@@ -36,7 +36,7 @@ import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from email.headerregistry import ContentDispositionHeader, ContentTypeHeader
 from email.policy import HTTP
-from typing import IO, Any, Concatenate, ParamSpec, Protocol, TypeVar, cast
+from typing import IO, Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -606,6 +606,7 @@ class _Database:
 
     conn: sqlite3.Connection
     pool: ThreadPool
+    #: The reactor: IReactorCore and IReactorFromThreads, which no one type says.
     reactor: Any
 
     def run(
@@ -624,7 +625,8 @@ class _Database:
 class _Request(Protocol):
     """The part of ``twisted.web.server.Request`` used here, typed.
 
-    (Twisted's own methods are not annotated, and mypy is strict here.)
+    Twisted's own methods are not annotated, so calls on them would go
+    unchecked; the resources below take this instead.
     """
 
     method: bytes
@@ -650,6 +652,8 @@ class _Response:
     def render(self, request: _Request) -> bytes:
         request.setResponseCode(self.status)
         request.setHeader(b"Content-Type", self.content_type)
+        # Also for responses written later, so they are not sent chunked.
+        request.setHeader(b"Content-Length", b"%d" % len(self.body))
         request.setHeader(b"Cache-Control", b"no-store")
         request.setHeader(b"X-Content-Type-Options", b"nosniff")
         request.setHeader(b"Content-Security-Policy", reports.CONTENT_SECURITY_POLICY)
@@ -704,7 +708,7 @@ class _Resource(Resource):
     html = False
 
     def __init__(self) -> None:
-        Resource.__init__(self)  # type: ignore[no-untyped-call]
+        Resource.__init__(self)
 
     def handlers(self) -> Mapping[bytes, Callable[[_Request], bytes | int]]:
         return {}
@@ -719,11 +723,6 @@ class _Resource(Resource):
             response = _html_error(405, message) if self.html else _error(405, message)
             return attrs.evolve(response, headers=((b"Allow", allow),)).render(request)
         return handler(request)
-
-
-def _r(resource: Resource) -> IResource:
-    """``Resource`` provides ``IResource``; mypy cannot see zope declarations."""
-    return cast(IResource, resource)
 
 
 class _NotFound(_Resource):
@@ -777,7 +776,7 @@ class _Sends(_Resource):
         self.config = config
 
     def handlers(self) -> Mapping[bytes, Callable[[_Request], bytes | int]]:
-        return {b"GET": self.list, b"POST": self.create}
+        return {b"GET": self.list_sends, b"POST": self.create_send}
 
     def getChild(self, path: bytes, request: _Request) -> Resource:
         if path == b"":
@@ -787,7 +786,7 @@ class _Sends(_Resource):
             return _Send(self.config, send_id)
         return _NotFound(html=False)
 
-    def list(self, request: _Request) -> bytes | int:
+    def list_sends(self, request: _Request) -> bytes | int:
         try:
             tags, limit = _query_tags(request), _query_limit(request)
         except BadRequest as e:
@@ -797,7 +796,7 @@ class _Sends(_Resource):
             request, d.addCallback(lambda s: _json(200, {"sends": [x.to_json() for x in s]}))
         )
 
-    def create(self, request: _Request) -> bytes | int:
+    def create_send(self, request: _Request) -> bytes | int:
         config = self.config
         if not _authorised(request, config.token):
             return self._unauthorised(request).render(request)
@@ -1008,12 +1007,12 @@ class _CappedRequest(Request):
     """
 
     def __init__(self, *args: Any, max_body: int, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        super().__init__(*args, **kwargs)
         self._room = max_body + 1
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._room > 0:
-            super().handleContentChunk(data[: self._room])  # type: ignore[no-untyped-call]
+            super().handleContentChunk(data[: self._room])
             self._room -= len(data)
 
 
@@ -1039,9 +1038,8 @@ class ReferenceAPI:
         The schema is created here, synchronously, so that a bad path fails
         at start-up rather than at the first send.
         """
-        from twisted.internet import reactor as _reactor
+        from twisted.internet import reactor
 
-        reactor: Any = _reactor  # IReactorCore's zope methods confuse mypy
         if not token:
             raise ValueError("the bearer token must not be empty")
         conn = _connect(database)
@@ -1050,15 +1048,15 @@ class ReferenceAPI:
         db = _Database(conn=conn, pool=pool, reactor=reactor)
         config = _Config(db=db, token=token.encode("utf-8"), max_body=max_body)
         v1 = _Directory(html=False)
-        v1.putChild(b"sends", _r(_Sends(config)))
+        v1.putChild(b"sends", _Sends(config))
         root = _Directory(html=True)
-        root.putChild(b"", _r(_Index(config)))
-        root.putChild(b"v1", _r(v1))
-        root.putChild(b"sends", _r(_SendPages(config)))
-        api = cls(resource=cast(IResource, root), max_body=max_body, db=db)
+        root.putChild(b"", _Index(config))
+        root.putChild(b"v1", v1)
+        root.putChild(b"sends", _SendPages(config))
+        api = cls(resource=root, max_body=max_body, db=db)
         # A forgotten close() must not keep the process alive: the worker
         # thread is not a daemon.
-        api._shutdown = reactor.addSystemEventTrigger("during", "shutdown", api.close)
+        api._shutdown = reactor.addSystemEventTrigger("during", "shutdown", api._shutting_down)
         return api
 
     def site(self) -> Site:
@@ -1068,10 +1066,12 @@ class ReferenceAPI:
         much of a body is spooled (see the module docstring).
         """
         factory = functools.partial(_CappedRequest, max_body=self.max_body)
-        site: Site = Site(  # type: ignore[no-untyped-call]
-            self.resource, requestFactory=factory, parsePOSTFormSubmission=False
-        )
+        site: Site = Site(self.resource, requestFactory=factory, parsePOSTFormSubmission=False)
         return site
+
+    def _shutting_down(self) -> None:
+        self._shutdown = None  # It is running: there is nothing to remove.
+        self.close()
 
     def close(self) -> None:
         """Stop the worker thread (after its current job) and close the database."""

@@ -44,8 +44,10 @@ body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
 h1 { font-size: 1.4em; } h2 { font-size: 1.15em; margin-top: 1.5em; }
 table { border-collapse: collapse; width: 100%; }
 th, td { text-align: left; vertical-align: top; padding: .3em .5em;
-         border-bottom: 1px solid #ddd; overflow-wrap: anywhere; }
-thead th { background: #f3f3f3; }
+         border-bottom: 1px solid #ddd; overflow-wrap: break-word; }
+thead th { background: #f3f3f3; white-space: nowrap; }
+td.id, td.received { white-space: nowrap; }
+td.tags, td.value { overflow-wrap: anywhere; }
 table.meta th, table.headers th { width: 12em; white-space: nowrap; }
 .tag { display: inline-block; background: #eef; border-radius: 3px;
        padding: 0 .4em; margin: 0 .2em .2em 0; text-decoration: none; }
@@ -71,6 +73,11 @@ def describe_flags(flags: int | None) -> str:
         return "n/a"
     names = [name for bit, name in FLAG_NAMES if flags & bit]
     return ", ".join(names) if names else "none"
+
+
+def _when(received_at: str) -> str:
+    """``2025-01-02T03:04:05.678Z`` as ``2025-01-02 03:04:05 UTC``, for people."""
+    return received_at[:19].replace("T", " ") + " UTC"
 
 
 def _page(title: str, body: Iterable[str]) -> bytes:
@@ -121,7 +128,7 @@ def render_index(sends: Sequence[StoredSend], tags: Sequence[str], limit: int) -
             f'<tr class="send" id="send-{_e(m.id)}">'
             f'<td class="id"><a href="{_e(href)}"><code>{_e(m.id)}</code></a></td>'
             f'<td class="received"><time datetime="{_e(send.received_at)}">'
-            f"{_e(send.received_at)}</time></td>"
+            f"{_e(_when(send.received_at))}</time></td>"
             f'<td class="customer">{_e(m.customer)}</td>'
             f'<td class="from">{_e(m.mail_from)}</td>'
             f'<td class="to">{_e(m.to)}</td>'

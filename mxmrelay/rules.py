@@ -38,7 +38,10 @@ Decisions the service description leaves open, and why:
 * **To**: the first address of the first To field is the recipient.  When
   that field already holds just that one mailbox it is left byte-for-byte;
   otherwise it is rewritten to the mailbox's own bytes (display name, comments
-  and all).  Mailboxes inside a group count; an empty group has none.
+  and all).  Mailboxes inside a group count; an empty group has none.  The
+  first element counts even when it is no address, so ``To: Smith, John
+  <j@x>`` (an unquoted comma) is refused with a reply that says why, rather
+  than guessed at.
 
 * **X-Mxm-Tag** values are text, so RFC 2047 encoded words in them are
   decoded: Python's email package and .NET's ``MailMessage`` encode any
@@ -86,7 +89,11 @@ _REMOVED = frozenset({b"return-path", b"cc", b"bcc", _FLAGS_HEADER, _TAG_HEADER}
 
 @attrs.frozen
 class Envelope:
-    """The SMTP envelope, as validated by the protocol side."""
+    """The SMTP envelope, as validated by :mod:`mxmrelay.envelope`.
+
+    That validation is what makes the addresses safe to write into a header
+    (no CR, LF or other controls); the rules do not check it again.
+    """
 
     mail_from: str
     recipients: tuple[str, ...]
@@ -414,7 +421,12 @@ def apply_rules(
     max_tags: int = MAX_TAGS,
     max_tag_length: int = MAX_TAG_LENGTH,
 ) -> Send | Violation:
-    """Rewrite the header section by the service's rules, or say why not."""
+    """Rewrite the header section by the service's rules, or say why not.
+
+    Never raises on any ``header_section`` bytes.  ``bounce_template`` is
+    configuration, checked at start-up: a template ``str.format`` rejects
+    raises here rather than bouncing to a wrong address.
+    """
     section = header_section
     fields = _fields(section)
     by_name: dict[bytes, list[_Field]] = {}
@@ -585,7 +597,10 @@ def _recipient(
     address = _address(section, box.addr)
     if address is None:
         written = section[box.span[0] : box.span[1]].decode("utf-8", "replace")
-        return _violation(f"The To header's address {_show(written)} is not a valid address")
+        hint = ""
+        if len(boxes) > 1 and "@" not in written:
+            hint = " (a display name with a comma must be quoted)"
+        return _violation(f"The To header's address {_show(written)} is not a valid address{hint}")
     text = address.text.replace(b"\r\n", b"").decode("utf-8", "replace")
     key = _address_key(section, address)
     if not any(_envelope_key(r) == key for r in recipients):

@@ -84,7 +84,7 @@ def fields(headers: bytes) -> list[bytes]:
 
 
 def name_of(field: bytes) -> bytes:
-    return field.split(b":", 1)[0].strip(b" \t").lower() if b":" in field else b""
+    return field.split(b":", 1)[0].rstrip(b" \t").lower() if b":" in field else b""
 
 
 class Case(SynchronousTestCase):
@@ -544,6 +544,12 @@ class ToTests(Case):
             section(b"To: Ann rcpt@example.org"),
             (RCPT,),
             ["not a valid address"],
+        ),
+        (
+            "unquoted comma in the alias",
+            section(b"To: Smith, John <rcpt@example.org>"),
+            (RCPT,),
+            ["'Smith' is not a valid address (a display name with a comma must be quoted)"],
         ),
         ("quoted only", section(b'To: "rcpt@example.org"'), (RCPT,), ["not a valid address"]),
         ("two ats", section(b"To: a@b@example.org"), ("a@b@example.org",), ["not a valid address"]),
@@ -1115,16 +1121,44 @@ class PropertyTests(Case):
     @given(
         _header_bytes,
         st.lists(st.text(max_size=20), max_size=3),
-        st.text(max_size=20),
+        # MAIL FROM comes validated (mxmrelay.envelope): never a control character
+        st.text(st.characters(blacklist_categories=["Cc"]), max_size=20),
     )
     def test_never_raises(self, headers: bytes, rcpt: list[str], mail_from: str) -> None:
-        for recipients in [tuple(rcpt), (RCPT, *rcpt)]:
-            result = rules(headers + section(TO), rcpt=recipients, mail_from=mail_from)
-            self.assertIsInstance(result, (Send, Violation))
-            if isinstance(result, Violation):
-                self.assertTrue(result.text.isascii() and result.text.isprintable())
-            result = rules(headers, rcpt=recipients)
-            self.assertIsInstance(result, (Send, Violation))
+        """Whatever the bytes: a Send or a Violation, and a Send keeps the invariants."""
+        for data in [headers, headers + section(TO), section(TO) + headers]:
+            for recipients in [tuple(rcpt), (RCPT, *rcpt)]:
+                result = rules(data, rcpt=recipients, mail_from=mail_from)
+                if isinstance(result, Violation):
+                    self.assertTrue(result.text.isascii() and result.text.isprintable())
+                    continue
+                self.assertIsInstance(result, Send)
+                self.assertTrue(result.headers.startswith(RECEIVED))
+                names = [name_of(f) for f in fields(result.headers[len(RECEIVED) :])]
+                self.assertEqual(names.count(b"from"), 1, result.headers)
+                self.assertEqual(names.count(b"to"), 1, result.headers)
+                self.assertFalse(TOUCHED.intersection(names) - {b"from", b"to"})
+                self.assertTrue(result.to.isprintable(), result.to)
+                self.assertIn(result.bcc, (None, *recipients))
+
+    @FAST
+    @given(st.text(max_size=300), st.text(max_size=50), st.text(max_size=50))
+    def test_received_header_never_breaks(self, helo: str, address: str, rcpt: str) -> None:
+        out = received_header(
+            helo=helo,
+            client_address=address,
+            by_host=helo,
+            protocol=address,
+            send_id=rcpt,
+            recipient=rcpt,
+            when=datetime.datetime(2024, 1, 2, tzinfo=datetime.UTC),
+        )
+        self.assertTrue(out.startswith(b"Received: from "))
+        self.assertTrue(out.endswith(b"\r\n"))
+        self.assertNotIn(b"\r", out.replace(b"\r\n", b""))
+        self.assertNotIn(b"\n", out.replace(b"\r\n", b""))
+        for line in out.split(b"\r\n")[1:-1]:
+            self.assertIn(line[:1], (b"\t", b" "))
 
     @FAST
     @given(st.lists(_untouched, max_size=8), st.integers(0, 8), st.integers(0, 8))
