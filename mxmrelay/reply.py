@@ -8,7 +8,7 @@ a rule can never turn into a 250 followed by a silent drop.
 from __future__ import annotations
 
 
-class Reply(Exception):  # noqa: N818 - it is a reply first, an error second
+class Reply(Exception):
     """A reply: code, enhanced status code (RFC 3463), one line of text.
 
     A plain class, not attrs: attrs exceptions compare by identity, and a

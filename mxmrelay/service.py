@@ -16,7 +16,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 from twisted.internet.ssl import CertificateOptions
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.web.server import Site
 
 from mxmrelay.auth import DirectoryChecker, FailureLimiter
 from mxmrelay.config import Config
@@ -65,7 +64,7 @@ def make_service(config: Config, reactor: Any, directory: IDirectory | None = No
         ref.database.parent.mkdir(parents=True, exist_ok=True)
         api = ReferenceAPI.open(ref.database, ref.token)
         _Cleanup(api.close).setServiceParent(top)
-        strports.service(ref.endpoint, Site(api.resource), reactor=reactor).setServiceParent(top)
+        strports.service(ref.endpoint, api.site(), reactor=reactor).setServiceParent(top)
     if not config.listeners:
         return top
     assert config.delivery_api is not None

@@ -21,7 +21,6 @@ from cryptography.x509.oid import NameOID
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
-from twisted.web.server import Site
 
 from mxmrelay.auth import hash_password
 from mxmrelay.config import Config
@@ -101,7 +100,7 @@ class API:
 
     def __init__(self, testcase: Any, folder: Path) -> None:
         self.api = ReferenceAPI.open(folder / "api.sqlite3", TOKEN)
-        self.site = Site(self.api.resource)
+        self.site = self.api.site()
         self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
         self.url = f"http://127.0.0.1:{self.port.getHost().port}/v1/sends"
         self.base = f"http://127.0.0.1:{self.port.getHost().port}"

@@ -1156,7 +1156,7 @@ class PropertyTests(Case):
             recipient=rcpt,
             when=datetime.datetime(2024, 1, 2, tzinfo=datetime.UTC),
         )
-        self.assertTrue(out.startswith(b"Received: from "))
+        self.assertTrue(out.startswith(b"Received: from"))
         self.assertTrue(out.endswith(b"\r\n"))
         self.assertNotIn(b"\r", out.replace(b"\r\n", b""))
         self.assertNotIn(b"\n", out.replace(b"\r\n", b""))

@@ -198,7 +198,7 @@ class Authentication(unittest.TestCase):
               "AUTH PLAIN x"], "503 5.5.1 Already authenticated"),
             ([f"AUTH PLAIN {b64('ops@acme.test' + chr(0) + 'demo@example.com' + chr(0))}"
               "ZGVtby1wYXNzd29yZA=="], "501 5.5.2 Cannot decode response"),
-            ([f"AUTH PLAIN {b64('ops@acme.test' + chr(0) + 'demo@example.com' + chr(0) + 'demo-password')}"],
+            ([f"AUTH PLAIN {b64(chr(0).join(['ops@acme.test', 'demo@example.com', 'pw']))}"],
              "535 5.7.8 Authentication credentials invalid"),
             (["MAIL FROM:<app@example.com>"], "530 5.7.0 Authentication required"),
         ]
@@ -329,7 +329,8 @@ class Envelope(unittest.TestCase):
             (["MAIL FROM:<app@example.com> SIZE=999999999"],
              "552 5.3.4 Message size exceeds fixed maximum message size"),
             (["MAIL FROM:<app@example.com> SIZE=12k"], "501 5.5.4 Bad message size syntax"),
-            (["MAIL FROM:<jörg@example.com>"], "553 5.6.7 Must declare SMTPUTF8 to send unicode address"),
+            (["MAIL FROM:<jörg@example.com>"],
+             "553 5.6.7 Must declare SMTPUTF8 to send unicode address"),
             (["MAIL FROM:<jörg@example.com> SMTPUTF8"], "250 2.1.0 Ok"),
             (["MAIL FROM:<app@example.com>", "RCPT TO:<jörg@example.org>"],
              "553 5.6.7 Must declare SMTPUTF8 to send unicode address"),
@@ -340,7 +341,8 @@ class Envelope(unittest.TestCase):
             (["MAIL FROM:<app@example.com>", "RCPT TO:<a@example.org> NOTIFY=NEVER"],
              "555 5.5.4 Unsupported option: NOTIFY"),
             (["MAIL FROM:<app@example.com>", "RCPT TO:<a@example.org>",
-              "RCPT TO:<b@example.org>", "RCPT TO:<c@example.org>"], "452 4.5.3 Too many recipients"),
+              "RCPT TO:<b@example.org>", "RCPT TO:<c@example.org>"],
+             "452 4.5.3 Too many recipients"),
             (["MAIL FROM:<app@example.com>", "RCPT TO:<a@example.org>", "DATA x"],
              "501 5.5.4 Syntax: DATA"),
             (["NOOP"], "250 2.0.0 Ok"),

@@ -114,10 +114,11 @@ class TLSFiles(SynchronousTestCase):
     def test_bad_files_are_named(self) -> None:
         folder = Path(self.mktemp()).resolve()
         cert, key = make_certificate(folder)
-        other_cert, other_key = make_certificate(folder / "other")
+        _, other_key = make_certificate(folder / "other")
         junk = folder / "junk.pem"
         junk.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
-        for c, k, named in [(folder / "nope.pem", key, "nope.pem"), (cert, folder / "nokey", "nokey"),
+        for c, k, named in [(folder / "nope.pem", key, "nope.pem"),
+                            (cert, folder / "nokey", "nokey"),
                             (junk, key, "junk.pem"), (cert, junk, "junk.pem"),
                             (cert, other_key, "other/key.pem")]:
             with self.assertRaises(TLSConfigError) as e:
