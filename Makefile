@@ -20,7 +20,7 @@ unit: $(VENV)/.installed $(CERT)
 	$(BIN)/python -m twisted.trial --temp-directory=var/_trial_temp tests
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check mxmrelay tests twisted bench
+	$(BIN)/ruff check mxmrelay tests twisted $(wildcard bench)
 
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy
