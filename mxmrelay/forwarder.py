@@ -113,9 +113,17 @@ class Forwarder:
         """Send one message; fire with the id the API holds it under, or
         fail with the :class:`Reply` to give the client."""
         d = Deferred.fromCoroutine(self._post(metadata, idempotency_key, head, body))
-        d.addTimeout(self.timeout, self.reactor)
+        # Called only when the deadline fired, whatever the cancellation
+        # failed with: once a request is sent, Agent reports a cancel as
+        # ResponseNeverReceived, not CancelledError.
+        d.addTimeout(self.timeout, self.reactor, onTimeoutCancel=self._timed_out)
         d.addErrback(self._network_failure)
         return d
+
+    @staticmethod
+    def _timed_out(result: Any, timeout: float) -> Any:
+        log.warn("delivery API timed out after {timeout}s", timeout=timeout)
+        raise Reply(451, "4.4.2", "Delivery API timed out, try again later")
 
     async def _post(self, metadata: Mapping[str, Any], key: str, head: bytes,
                     body: IO[bytes]) -> str:
