@@ -160,6 +160,11 @@ class Forwarder:
             # that must not bounce the customer's mail.
             log.critical("delivery API rejects the relay's token ({code})", code=code)
             raise Reply(451, "4.3.0", f"{TEMPORARY} (relay not authorised by delivery API)")
+        if 300 <= code < 400:
+            # Never followed (a POST must not be replayed elsewhere); a
+            # redirect means the configured URL is wrong: also the operator's.
+            log.critical("delivery API redirects ({code}): check delivery_api.url", code=code)
+            raise Reply(451, "4.3.0", f"{TEMPORARY} (delivery API answered {code})")
         if code in (408, 429) or code >= 500 or code < 200:
             raise Reply(451, "4.3.0", f"{TEMPORARY} (delivery API answered {code})")
         if code == 413:

@@ -703,8 +703,8 @@ class TwoRelays(unittest.TestCase):
 class Redirects(unittest.TestCase):
     async def test_not_followed(self) -> None:
         """A redirect (even to the real API) is not followed: the POST is
-        not replayed elsewhere.  ``forwarder.py`` treats any 3xx like a
-        refusing 4xx: ``554 5.6.0`` with the code as the reason."""
+        not replayed elsewhere.  A redirect means the relay's URL is wrong,
+        an operator's problem: ``451 4.3.0``, the client keeps the message."""
         injector, front, api = injected(self)
         relay = relay_to(self, front.url)
         ledger = Ledger(self, api)
@@ -718,8 +718,8 @@ class Redirects(unittest.TestCase):
                                                             message(f"Redirect {code}"))))
         finally:
             await in_thread(c.close)
-        self.assertEqual(replies, [f"554 5.6.0 Rejected by delivery API: {code}"
-                                   for code in codes])
+        self.assertEqual(replies, [f"451 4.3.0 Temporary failure, try again later "
+                                   f"(delivery API answered {code})" for code in codes])
         self.assertEqual(injector.posts, len(codes))
         self.assertEqual(api.accepted, 0, "the API was contacted")
         self.assertEqual(await ledger.check(), [])
