@@ -25,6 +25,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import math
 import os
 import random
 import ssl
@@ -42,7 +43,7 @@ except ImportError:  # pragma: no cover
 T = TypeVar("T")
 
 USER = "demo@example.com"
-PASSWORD = "demo-password"  # noqa: S105 - the development directory's demo user
+PASSWORD = "demo-password"  # the development directory's demo user
 MAIL_FROM = "app@example.com"
 #: Largest chunk handed to the transport at once for big messages.
 WRITE_CHUNK = 1024 * 1024
@@ -172,7 +173,7 @@ class Stats:
         if not self.latencies:
             return float("nan")
         ordered = sorted(self.latencies)
-        k = max(0, min(len(ordered) - 1, int(round(p / 100 * len(ordered) + 0.5)) - 1))
+        k = max(0, min(len(ordered) - 1, math.ceil(p / 100 * len(ordered)) - 1))
         return ordered[k]
 
 
@@ -296,14 +297,13 @@ class Session:
                     failure = line.decode("ascii", "replace")
                     break
         if failure is not None:
-            # Either DATA was refused (pipelined) or a command was (one at a
-            # time): no message follows; RSET if the transaction is still open.
-            if not self.pipelining or got == 354:
-                if got == 354:
-                    w.write(b".\r\n")
-                    await self._reply()
-                w.write(b"RSET\r\n")
+            # No message follows (a 354 despite an earlier refusal gets an
+            # empty one); RSET puts the session back in step either way.
+            if got == 354:
+                w.write(b".\r\n")
                 await self._reply()
+            w.write(b"RSET\r\n")
+            await self._reply()
             raise SMTPFailure(failure[:160])
         if len(body) <= WRITE_CHUNK:
             w.write(head + body + b".\r\n")
@@ -331,14 +331,15 @@ class Session:
             await asyncio.wait_for(self.writer.wait_closed(), 5)
 
 
-async def open_sessions(target: Target, load: Load, stats: Stats,
-                        count: int | None = None) -> list[Session]:
+async def open_sessions(target: Target, load: Load,
+                        count: int | None = None) -> tuple[list[Session], list[str]]:
     """Open ``count`` (default ``load.connections``) sessions, at most
-    ``load.connect_concurrency`` at a time; failures count in ``stats``
-    (with the messages those sessions would have sent)."""
+    ``load.connect_concurrency`` at a time.  Returns the open sessions and
+    a description of each failure."""
     ctx = tls_context()
     gate = asyncio.Semaphore(load.connect_concurrency)
     n = load.connections if count is None else count
+    failures: list[str] = []
 
     async def one() -> Session | None:
         async with gate:
@@ -346,15 +347,14 @@ async def open_sessions(target: Target, load: Load, stats: Stats,
             try:
                 await asyncio.wait_for(s.open(), load.timeout)
                 return s
-            except (OSError, SMTPFailure, asyncio.TimeoutError, ssl.SSLError) as e:
-                stats.fail(f"open: {type(e).__name__}: {e}", 0)
-                stats.errors += 1
+            except (OSError, SMTPFailure, TimeoutError) as e:
+                failures.append(f"open: {type(e).__name__}: {e}")
                 s.broken = True
                 await s.quit()
                 return None
 
     opened = await asyncio.gather(*(one() for _ in range(n)))
-    return [s for s in opened if s is not None]
+    return [s for s in opened if s is not None], failures
 
 
 OnMessage = Callable[[int], None]
@@ -383,7 +383,7 @@ async def run_transactions(sessions: list[Session], counts: list[int],
                 stats.fail(str(e))
                 if "closed" in str(e):
                     session.broken = True
-            except (OSError, TimeoutError, ssl.SSLError) as e:
+            except (OSError, TimeoutError) as e:
                 session.broken = True
                 stats.fail(f"{type(e).__name__}: {e}")
             else:
@@ -419,26 +419,22 @@ async def run_load(target: Target, load: Load,
     the transactions only (not connecting, TLS or AUTH)."""
     factory = factory or MessageFactory(load.body_size, load.recipients)
     counts = load.per_connection()
-    open_stats = Stats()
-    sessions = await open_sessions(target, load, open_stats)
-    # Messages of sessions that did not open are failures too.
-    lost = sum(counts) - sum(counts[: len(sessions)])
-    open_stats.attempted += lost
-    open_stats.errors += max(0, lost - open_stats.errors) if lost else 0
-    for hook in (before,):
-        if hook is not None:
-            r = hook()
-            if r is not None:
-                await r
+    sessions, failures = await open_sessions(target, load)
+    if before is not None:
+        r = before()
+        if r is not None:
+            await r
     stats = await run_transactions(sessions, counts[: len(sessions)], factory, load, on_message)
     if after is not None:
         r = after()
         if r is not None:
             await r
     await close_sessions(sessions)
-    stats.attempted += open_stats.attempted
-    stats.errors += open_stats.errors
-    stats.samples = open_stats.samples + stats.samples
+    # The messages of sessions that did not open are failures too.
+    lost = sum(counts[len(sessions):])
+    stats.attempted += lost
+    stats.errors += lost
+    stats.samples = (failures + stats.samples)[:5]
     return stats
 
 

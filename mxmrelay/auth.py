@@ -168,14 +168,18 @@ class FailureLimiter:
 
     Shared by every connection of a process, so that an attacker who
     reconnects after each 421 still meets the limit.  The table is bounded:
-    the oldest keys are forgotten first.
+    the oldest keys are forgotten first.  With several worker processes,
+    each failure is also reported through ``on_record`` to the supervisor,
+    which keeps the one shared count and sends every worker a ``block``.
     """
 
     clock: IReactorTime
     limit: int
     window: float
     max_keys: int = 100_000
+    on_record: Callable[[str], None] | None = None
     _seen: OrderedDict[str, deque[float]] = attrs.field(factory=OrderedDict)
+    _blocks: dict[str, float] = attrs.field(factory=dict)
 
     def _recent(self, key: str) -> deque[float] | None:
         times = self._seen.get(key)
@@ -190,13 +194,33 @@ class FailureLimiter:
         return times
 
     def blocked(self, key: str) -> bool:
+        until = self._blocks.get(key)
+        if until is not None:
+            if until > self.clock.seconds():
+                return True
+            del self._blocks[key]
         times = self._recent(key)
         return times is not None and len(times) >= self.limit
 
-    def record(self, key: str) -> None:
+    def record(self, key: str) -> float | None:
+        """Count a failure; return until when ``key`` is now blocked, if it is."""
         times = self._recent(key)
         if times is None:
             times = self._seen[key] = deque(maxlen=self.limit)
             while len(self._seen) > self.max_keys:
                 self._seen.popitem(last=False)
         times.append(self.clock.seconds())
+        if self.on_record is not None:
+            self.on_record(key)
+        if len(times) >= self.limit:
+            return times[0] + self.window
+        return None
+
+    def block(self, key: str, until: float) -> None:
+        """Block ``key`` until a time (a block decided by the supervisor)."""
+        if len(self._blocks) >= self.max_keys:
+            now = self.clock.seconds()
+            self._blocks = {k: t for k, t in self._blocks.items() if t > now}
+            if len(self._blocks) >= self.max_keys:
+                return
+        self._blocks[key] = until

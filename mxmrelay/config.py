@@ -82,6 +82,8 @@ class Config:
     idle_timeout: float = 300.0
     #: Messages larger than this are spooled to a temporary file.
     spool_memory: int = 512 * 1024
+    #: Relay processes sharing the listening sockets (see mxmrelay/workers.py).
+    workers: int = 1
 
     @classmethod
     def from_file(cls, path: Path) -> Config:
@@ -158,6 +160,7 @@ class Config:
             max_recipients=r.integer("max_recipients", 100, low=1, high=10_000),
             idle_timeout=r.number("idle_timeout", 300.0, low=1),
             spool_memory=r.integer("spool_memory", 512 * 1024, low=0),
+            workers=r.integer("workers", 1, low=1, high=256),
         )
 
 

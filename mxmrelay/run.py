@@ -32,8 +32,12 @@ def service_from_options(config_path: str) -> IService:
     try:
         config = Config.from_file(Path(config_path))
         check(config, config_path, reactor)
+        if config.workers > 1:
+            from mxmrelay.workers import make_supervised_service
+
+            return make_supervised_service(config, Path(config_path), reactor)
         return make_service(config, reactor)
-    except (ConfigError, InvalidDirectory, TLSConfigError) as e:
+    except (ConfigError, InvalidDirectory, TLSConfigError, OSError) as e:
         _fail(str(e))
 
 

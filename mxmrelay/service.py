@@ -15,6 +15,7 @@ from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 from twisted.internet.ssl import CertificateOptions
+from twisted.internet.task import deferLater
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mxmrelay.auth import DirectoryChecker, FailureLimiter
@@ -43,40 +44,64 @@ class _Cleanup(Service):
 
 
 class _Goodbye(Service):
-    """Tells connected clients ``421 4.3.2`` as the relay stops."""
+    """Tells connected clients ``421 4.3.2`` as the relay stops, and waits
+    (at most ``grace`` seconds) for sends in flight to get their answer."""
 
-    def __init__(self, factories: list[SMTPFactory]) -> None:
+    def __init__(self, factories: list[SMTPFactory], clock: IReactorTime, grace: float) -> None:
         self._factories = factories
+        self._clock = clock
+        self._grace = grace
 
-    def stopService(self) -> None:
+    def stopService(self) -> Deferred[None]:
         super().stopService()
         for factory in self._factories:
             factory.shutdown()
+        return Deferred.fromCoroutine(self._idle())
+
+    async def _idle(self) -> None:
+        deadline = self._clock.seconds() + self._grace
+        while any(f.connections for f in self._factories) and self._clock.seconds() < deadline:
+            await deferLater(self._clock, 0.05)
+
+
+def reference_api(config: Config, reactor: Any, parent: MultiService) -> None:
+    """Run the reference delivery API here, if the configuration says so."""
+    if config.reference_api is None:
+        return
+    from mxmrelay.refapi import ReferenceAPI
+
+    ref = config.reference_api
+    ref.database.parent.mkdir(parents=True, exist_ok=True)
+    api = ReferenceAPI.open(ref.database, ref.token)
+    _Cleanup(api.close).setServiceParent(parent)
+    strports.service(ref.endpoint, api.site(), reactor=reactor).setServiceParent(parent)
 
 
 def make_service(config: Config, reactor: Any, directory: IDirectory | None = None) -> MultiService:
     """Build the relay (and the reference API, if configured)."""
     top = MultiService()
-    if config.reference_api is not None:
-        from mxmrelay.refapi import ReferenceAPI
-
-        ref = config.reference_api
-        ref.database.parent.mkdir(parents=True, exist_ok=True)
-        api = ReferenceAPI.open(ref.database, ref.token)
-        _Cleanup(api.close).setServiceParent(top)
-        strports.service(ref.endpoint, api.site(), reactor=reactor).setServiceParent(top)
+    reference_api(config, reactor, top)
     if not config.listeners:
         return top
-    assert config.delivery_api is not None
-    api_cfg = config.delivery_api
-    forwarder = Forwarder(reactor, api_cfg.url, api_cfg.token, api_cfg.timeout, api_cfg.ca_file)
-    _Cleanup(forwarder.close).setServiceParent(top)
-    relay = Relay.build(config, reactor, forwarder, directory)
+    relay = relay_service(config, reactor, top, directory)
     for listener in config.listeners:
         factory = relay.factory(listener.role)
         strports.service(listener.endpoint, factory, reactor=reactor).setServiceParent(top)
-    _Goodbye(relay.factories).setServiceParent(top)
     return top
+
+
+def relay_service(config: Config, reactor: Any, parent: MultiService,
+                  directory: IDirectory | None = None) -> Relay:
+    """The relay's forwarder and factories, stopped cleanly with ``parent``
+    (the listeners it adds after this stop first: services stop in
+    reverse order)."""
+    assert config.delivery_api is not None
+    api_cfg = config.delivery_api
+    forwarder = Forwarder(reactor, api_cfg.url, api_cfg.token, api_cfg.timeout, api_cfg.ca_file)
+    _Cleanup(forwarder.close).setServiceParent(parent)
+    relay = Relay.build(config, reactor, forwarder, directory)
+    _Goodbye(relay.factories, reactor, api_cfg.timeout + 5).setServiceParent(parent)
+    return relay
 
 
 class Relay:

@@ -1,0 +1,219 @@
+"""Processes for the bench: start them pinned, wait for their ports, read
+their CPU time and memory from ``/proc``, stop them.
+
+CPU time is ``utime + stime`` of ``/proc/PID/stat`` (every thread of the
+process, including finished ones), in clock ticks.  Memory is ``VmRSS``
+(now) and ``VmHWM`` (the peak) of ``/proc/PID/status``; the peak can be
+reset by writing ``5`` to ``/proc/PID/clear_refs`` (Linux 4.0+), which
+scenario 5 does to measure the growth over a message alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+#: The server under test and the floor run here; the load generator and the
+#: null API on the other core.
+SERVER_CPU = 0
+CLIENT_CPU = 1
+
+
+def cpus() -> int:
+    return os.cpu_count() or 1
+
+
+def pin_self(cpu: int) -> None:
+    """Pin this process (and so its future children) to ``cpu``."""
+    if cpus() > 1:
+        os.sched_setaffinity(0, {cpu})
+
+
+def pinned(cpu: int, argv: list[str]) -> list[str]:
+    if cpus() > 1:
+        return ["taskset", "-c", str(cpu), *argv]
+    return argv
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def raise_fd_limit(want: int = 16384) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of the whole process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    # Field 2 (comm) may hold spaces: split after its closing parenthesis.
+    fields = stat[stat.rindex(")") + 2:].split()
+    utime, stime = int(fields[11]), int(fields[12])
+    return (utime + stime) / CLK_TCK
+
+
+def memory(pid: int) -> dict[str, int]:
+    """``VmRSS`` and ``VmHWM`` in bytes."""
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                name, value = line.split(":", 1)
+                out[name] = int(value.split()[0]) * 1024
+    return out
+
+
+def reset_peak(pid: int) -> bool:
+    """Reset ``VmHWM`` to the current RSS; False where not permitted."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class Process:
+    """A child process, with its output in a log file."""
+
+    def __init__(self, name: str, argv: list[str], log: Path, ports: list[int],
+                 cwd: Path | None = None, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.argv = argv
+        self.log = log
+        self.ports = ports
+        self.cwd = cwd
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = 30.0) -> Process:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, cwd=self.cwd, env=self.env)
+        deadline = time.monotonic() + timeout
+        for port in self.ports:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n"
+                                       + self.tail())
+                with socket.socket() as s:
+                    s.settimeout(1)
+                    try:
+                        s.connect(("127.0.0.1", port))
+                        break
+                    except OSError:
+                        pass
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"{self.name}: port {port} not open after {timeout} s:\n"
+                                       + self.tail())
+                time.sleep(0.05)
+        return self
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(text[-lines:])
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def memory(self) -> dict[str, int]:
+        return memory(self.pid)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout``; returns the exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(5)
+        return self.proc.returncode
+
+
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed EC certificate for localhost, as the Makefile makes."""
+    cert, key = directory / "bench.pem", directory / "bench.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-days", "30", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True)
+    return cert, key
+
+
+def relay_config(path: Path, *, cert: Path, key: Path, submission: int, smtps: int,
+                 api_url: str, token: str, reference_api: tuple[int, Path] | None = None,
+                 max_message_size: int = 64 * 1024 * 1024) -> Path:
+    """Write the relay's TOML configuration for one run."""
+    directory = ROOT / "etc" / "directory.dev.toml"
+    text = f"""\
+hostname = "localhost"
+directory = "{directory}"
+bounce_address = "bounce+{{id}}@bounces.example.net"
+max_message_size = {max_message_size}
+max_recipients = 100
+idle_timeout = 300
+
+[tls]
+certificate = "{cert}"
+private_key = "{key}"
+
+[[listener]]
+role = "submission"
+endpoint = "tcp:{submission}:interface=127.0.0.1"
+
+[[listener]]
+role = "smtps"
+endpoint = "tcp:{smtps}:interface=127.0.0.1"
+
+[delivery_api]
+url = "{api_url}"
+token = "{token}"
+timeout = 30
+"""
+    if reference_api is not None:
+        port, database = reference_api
+        text += f"""
+[reference_api]
+endpoint = "tcp:{port}:interface=127.0.0.1"
+database = "{database}"
+token = "{token}"
+"""
+    path.write_text(text)
+    return path

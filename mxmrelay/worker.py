@@ -1,0 +1,103 @@
+"""One worker process of ``workers = N`` (started by mxmrelay.workers).
+
+``python -m mxmrelay.worker CONFIG --index I --listen ROLE:FD:HAPROXY ...
+--control FD``: serve SMTP on inherited listening sockets until SIGTERM or
+until the supervisor goes away (its end of our stdin closes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.protocol import Factory, connectionDone
+from twisted.logger import FileLogObserver, formatEventAsClassicLogText, globalLogBeginner
+from twisted.protocols.basic import LineOnlyReceiver
+
+# The PROXY-protocol wrapper has no public name outside its endpoint
+# parser, and adopted sockets cannot go through an endpoint string.
+from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
+from twisted.python.failure import Failure
+
+from mxmrelay.config import Config
+
+
+class _Control(LineOnlyReceiver):
+    """Our end of the control channel: report failures, apply blocks; and
+    stop when the supervisor is gone (its end closes)."""
+
+    delimiter = b"\n"
+
+    def __init__(self, limiters: dict[str, Any], reactor: Any) -> None:
+        self.limiters = limiters
+        self.reactor = reactor
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.reactor.running:
+            self.reactor.stop()
+
+    def lineReceived(self, line: bytes) -> None:
+        try:
+            verb, kind, until, key = line.decode().split(" ", 3)
+        except ValueError:
+            return
+        if verb == "block" and kind in self.limiters:
+            self.limiters[kind].block(key, float(until))
+
+    def report(self, kind: str, key: str) -> None:
+        self.sendLine(f"fail {kind} {key}".encode())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="mxmrelay.worker")
+    parser.add_argument("config")
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--listen", action="append", default=[])
+    parser.add_argument("--control", type=int, required=True)
+    args = parser.parse_args(argv)
+
+    from twisted.internet import reactor as _reactor
+
+    reactor: Any = _reactor
+
+    from mxmrelay.service import relay_service
+
+    index = args.index
+
+    def fmt(event: dict[str, Any]) -> str | None:
+        text = formatEventAsClassicLogText(event)
+        return text and text.replace("] ", f"] [worker {index}] ", 1)
+
+    globalLogBeginner.beginLoggingTo([FileLogObserver(sys.stdout, fmt)],
+                                     redirectStandardIO=False)
+    config = Config.from_file(Path(args.config))
+    top = MultiService()
+    relay = relay_service(config, reactor, top)
+    settings = relay.settings
+    control = _Control({"address": settings.address_limiter, "user": settings.user_limiter},
+                       reactor)
+    settings.address_limiter.on_record = lambda key: control.report("address", key)
+    settings.user_limiter.on_record = lambda key: control.report("user", key)
+    reactor.adoptStreamConnection(args.control, socket.AF_UNIX,
+                                  Factory.forProtocol(lambda: control))
+    for spec in args.listen:
+        role, fd_text, haproxy = spec.split(":")
+        fd = int(fd_text)
+        probe = socket.socket(fileno=fd)
+        family = probe.family
+        probe.detach()  # only looked at: the fd stays open for the port
+        factory: Any = relay.factory(role)
+        if haproxy == "1":
+            factory = HAProxyWrappingFactory(factory)
+        reactor.adoptStreamPort(fd, family, factory)
+    top.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()

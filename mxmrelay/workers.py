@@ -1,0 +1,245 @@
+"""Several relay processes on one machine: ``workers = N``.
+
+One Python process uses one core; an operator with eight cores runs eight
+workers.  The supervisor (the twistd process) binds the listening sockets
+once, or takes them from systemd socket activation, and starts N worker
+processes that inherit them and accept from the same queues; it restarts
+a worker that dies.  What must exist once stays in the supervisor: the
+reference API (when configured) and the AUTH failure counts, which
+workers report over a socket pair and which come back as blocks for every
+worker, so an attacker meets one limit however connections are spread.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import attrs
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory, ProcessProtocol, connectionDone
+from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
+from twisted.python.failure import Failure
+
+from mxmrelay.auth import FailureLimiter
+from mxmrelay.config import Config, ConfigError, Listener
+
+log = Logger(namespace="mxmrelay.workers")
+
+
+@attrs.frozen
+class Inherited:
+    """A listening socket a worker takes over: its role, and whether a
+    PROXY protocol header comes first."""
+
+    role: str
+    fd: int
+    haproxy: bool
+
+
+def bind(listener: Listener) -> tuple[socket.socket, bool]:
+    """Open the listening socket for one listener (supervisor side).
+
+    Supports ``tcp:PORT[:interface=ADDR][:backlog=N]`` and
+    ``systemd:domain=INET|INET6:index=N``, each optionally behind
+    ``haproxy:``: the endpoints whose socket can be handed to a child.
+    """
+    desc = listener.endpoint
+    haproxy = desc.startswith("haproxy:")
+    if haproxy:
+        desc = desc[len("haproxy:"):]
+    kind, args, kwargs = _parse(desc)
+    if kind == "tcp" and args:
+        host = kwargs.get("interface", "")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, int(args[0])))
+        sock.listen(int(kwargs.get("backlog", "1024")))
+    elif kind == "systemd" and "index" in kwargs:
+        fd = 3 + int(kwargs["index"])
+        if os.environ.get("LISTEN_PID") != str(os.getpid()):
+            raise ConfigError(f"{listener.endpoint}: not started by systemd socket activation")
+        sock = socket.socket(fileno=os.dup(fd))
+    else:
+        raise ConfigError(f"{listener.endpoint}: with workers > 1 a listener's endpoint must be "
+                          "tcp:PORT, systemd:domain=...:index=N, or either behind haproxy:")
+    sock.setblocking(False)
+    return sock, haproxy
+
+
+def _parse(desc: str) -> tuple[str, list[str], dict[str, str]]:
+    """Split a Twisted endpoint description (``\\:`` escapes a colon)."""
+    parts, current, escaped = [], "", False
+    for c in desc:
+        if escaped:
+            current, escaped = current + c, False
+        elif c == "\\":
+            escaped = True
+        elif c == ":":
+            parts.append(current)
+            current = ""
+        else:
+            current += c
+    parts.append(current)
+    args = [p for p in parts[1:] if "=" not in p]
+    kwargs = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    return parts[0], args, kwargs
+
+
+class _Control(LineOnlyReceiver):
+    """The supervisor's end of one worker's control channel.
+
+    A worker sends ``fail address|user KEY``; the supervisor counts, and
+    when a key crosses its limit sends ``block address|user UNTIL KEY`` to
+    every worker.
+    """
+
+    delimiter = b"\n"
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+
+    def connectionMade(self) -> None:
+        self.supervisor.channels.add(self)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.supervisor.channels.discard(self)
+
+    def lineReceived(self, line: bytes) -> None:
+        try:
+            verb, kind, key = line.decode().split(" ", 2)
+        except ValueError:
+            return
+        limiter = self.supervisor.limiters.get(kind)
+        if verb != "fail" or limiter is None:
+            return
+        until = limiter.record(key)
+        if until is not None:
+            message = f"block {kind} {until!r} {key}".encode()
+            for channel in self.supervisor.channels:
+                channel.sendLine(message)
+
+
+class _Worker(ProcessProtocol):
+    def __init__(self, supervisor: Supervisor, index: int) -> None:
+        self.supervisor = supervisor
+        self.index = index
+        self.ended: Deferred[None] = Deferred()
+        self.started = 0.0
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback(None)
+        self.supervisor.ended(self, reason)
+
+
+class Supervisor(Service):
+    """Starts, restarts and stops the worker processes."""
+
+    def __init__(self, config_path: Path, config: Config, reactor: Any) -> None:
+        self.config_path = config_path
+        self.count = config.workers
+        self.reactor = reactor
+        clock: IReactorTime = reactor
+        a = config.auth
+        self.limiters = {
+            "address": FailureLimiter(clock, a.max_failures_per_address, a.window),
+            "user": FailureLimiter(clock, a.max_failures_per_user, a.window),
+        }
+        self.sockets = [(listener.role, *bind(listener)) for listener in config.listeners]
+        self.channels: set[_Control] = set()
+        self.workers: dict[int, _Worker] = {}
+        self.transports: dict[int, Any] = {}
+        self.backoff: dict[int, float] = {}
+        self.grace = (config.delivery_api.timeout if config.delivery_api else 30) + 10
+
+    def startService(self) -> None:
+        super().startService()
+        for i in range(self.count):
+            self.spawn(i)
+
+    def spawn(self, index: int) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        child_fds: dict[int, Any] = {0: "w", 1: 1, 2: 2}
+        argv = [sys.executable, "-m", "mxmrelay.worker", str(self.config_path),
+                "--index", str(index)]
+        for n, (role, sock, haproxy) in enumerate(self.sockets):
+            child_fds[3 + n] = sock.fileno()
+            argv += ["--listen", f"{role}:{3 + n}:{int(haproxy)}"]
+        control_fd = 3 + len(self.sockets)
+        child_fds[control_fd] = theirs.fileno()
+        argv += ["--control", str(control_fd)]
+        worker = _Worker(self, index)
+        worker.started = self.reactor.seconds()
+        self.transports[index] = self.reactor.spawnProcess(
+            worker, sys.executable, argv, env=dict(os.environ), childFDs=child_fds)
+        theirs.close()
+        self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX,
+                                           Factory.forProtocol(lambda: _Control(self)))
+        ours.close()
+        self.workers[index] = worker
+        log.info("worker {index} started pid={pid}", index=index,
+                 pid=self.transports[index].pid)
+
+    def ended(self, worker: _Worker, reason: Failure) -> None:
+        if self.workers.get(worker.index) is not worker:
+            return
+        del self.workers[worker.index]
+        if not self.running:
+            return
+        # A worker that dies at once waits longer each time (up to 30 s),
+        # so a broken configuration does not spin.
+        lived = self.reactor.seconds() - worker.started
+        delay = 0.5 if lived > 30 else min(30.0, 2 * self.backoff.get(worker.index, 0.25))
+        self.backoff[worker.index] = delay
+        log.warn("worker {index} ended ({reason}); restarting in {delay}s", index=worker.index,
+                 reason=reason.getErrorMessage(), delay=delay)
+        self.reactor.callLater(delay, self._respawn, worker.index)
+
+    def _respawn(self, index: int) -> None:
+        if self.running and index not in self.workers:
+            self.spawn(index)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        workers = list(self.workers.values())
+        for w in workers:
+            self._signal(w.index, signal.SIGTERM)
+        timer = self.reactor.callLater(self.grace, self._kill, workers)
+        for w in workers:
+            await w.ended
+        if timer.active():
+            timer.cancel()
+        for _, sock, _ in self.sockets:
+            sock.close()
+
+    def _kill(self, workers: list[_Worker]) -> None:
+        for w in workers:
+            if not w.ended.called:
+                self._signal(w.index, signal.SIGKILL)
+
+    def _signal(self, index: int, sig: int) -> None:
+        try:
+            self.transports[index].signalProcess(sig)
+        except Exception:  # noqa: S110 - the process is already gone
+            pass
+
+
+def make_supervised_service(config: Config, config_path: Path, reactor: Any) -> MultiService:
+    from mxmrelay.service import reference_api
+
+    top = MultiService()
+    reference_api(config, reactor, top)
+    if config.listeners:
+        Supervisor(config_path.resolve(), config, reactor).setServiceParent(top)
+    return top
