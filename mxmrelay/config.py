@@ -80,6 +80,8 @@ class Config:
     max_message_size: int = 25 * 1024 * 1024
     max_recipients: int = 100
     idle_timeout: float = 300.0
+    #: Simultaneous connections from one client address (per process).
+    max_connections_per_address: int = 100
     #: Messages larger than this are spooled to a temporary file.
     spool_memory: int = 512 * 1024
     #: Relay processes sharing the listening sockets (see mxmrelay/workers.py).
@@ -159,6 +161,7 @@ class Config:
             max_message_size=r.integer("max_message_size", 25 * 1024 * 1024, low=1024),
             max_recipients=r.integer("max_recipients", 100, low=1, high=10_000),
             idle_timeout=r.number("idle_timeout", 300.0, low=1),
+            max_connections_per_address=r.integer("max_connections_per_address", 100, low=1),
             spool_memory=r.integer("spool_memory", 512 * 1024, low=0),
             workers=r.integer("workers", 1, low=1, high=256),
         )

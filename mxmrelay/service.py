@@ -148,6 +148,7 @@ def settings_for(config: Config, portal: Portal, tls: Any, clock: IReactorTime) 
         max_recipients=config.max_recipients,
         idle_timeout=config.idle_timeout,
         max_auth_failures=a.max_failures_per_connection,
+        max_connections_per_address=config.max_connections_per_address,
         address_limiter=FailureLimiter(clock, a.max_failures_per_address, a.window),
         user_limiter=FailureLimiter(clock, a.max_failures_per_user, a.window),
     )

@@ -22,6 +22,7 @@ bare line endings and long lines are counts and strided searches, so a
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -104,8 +105,11 @@ class Settings:
     max_recipients: int
     idle_timeout: float
     max_auth_failures: int
+    max_connections_per_address: int
     address_limiter: FailureLimiter
     user_limiter: FailureLimiter
+    #: Open connections per client address, across this process's listeners.
+    open_per_address: Counter[str] = attrs.field(factory=Counter)
 
 
 log = Logger(namespace="mxmrelay.smtp")
@@ -163,8 +167,37 @@ class SMTPServer(Protocol, TimeoutMixin):
         self.setTimeout(self.settings.idle_timeout)
         log.info("connect client={client} listener={listener}",
                  client=self.session.client, listener=self.role)
+        self._count_client()
+        if self._closed:
+            return
         self._write(f"220 {self.settings.hostname} ESMTP ready\r\n".encode())
         self._flush()
+
+    def _count_client(self) -> None:
+        open_now = self.settings.open_per_address
+        open_now[self.session.client] += 1
+        if open_now[self.session.client] > self.settings.max_connections_per_address:
+            log.warn("too many connections client={client}", client=self.session.client)
+            self._close(Reply(421, "4.7.0", "Too many connections from your address"))
+
+    def _uncount_client(self) -> None:
+        open_now = self.settings.open_per_address
+        open_now[self.session.client] -= 1
+        if open_now[self.session.client] <= 0:
+            del open_now[self.session.client]
+
+    def _check_peer(self) -> None:
+        """Behind a PROXY-protocol endpoint the real client is known only
+        once the proxy's header has been read (just before our first
+        bytes): take it from there."""
+        peer = self.transport.getPeer()
+        client = str(getattr(peer, "host", peer))
+        if client != self.session.client:
+            log.info("proxied client={client} via={proxy}", client=client,
+                     proxy=self.session.client)
+            self._uncount_client()
+            self.session.client = client
+            self._count_client()
 
     def handshakeCompleted(self) -> None:
         """Called by Twisted's TLS layer (``IHandshakeListener``)."""
@@ -177,6 +210,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._closed = True
         self.setTimeout(None)
         self._connections.discard(self)
+        self._uncount_client()
         if self._message is not None:
             self._message.connectionLost()
             self._message = None
@@ -227,6 +261,9 @@ class SMTPServer(Protocol, TimeoutMixin):
         self.resetTimeout()
         if self._first_bytes:
             self._first_bytes = False
+            self._check_peer()
+            if self._closed:
+                return
             if not self._tls and data[:1] == bytes([TLS_HANDSHAKE]):
                 # A TLS client on a STARTTLS port: it cannot read any reply.
                 log.info("tls on plain port client={client}", client=self.session.client)

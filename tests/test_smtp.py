@@ -434,3 +434,64 @@ class Envelope(unittest.TestCase):
             "553 5.7.1 <x@acme.test>: Sender address rejected: not owned by user "
             "demo@example.com",
             "250 2.0.0 Ok"])
+
+
+class Connections(unittest.TestCase):
+    async def test_too_many_from_one_address(self) -> None:
+        relay = RelayUnderTest(self, max_connections_per_address=2)
+
+        def talk() -> tuple[str, bool, str]:
+            a, b = relay.raw(), relay.raw()
+            c = relay.raw()
+            refused, closed = c.greeting, c.closed()
+            a.close()
+            # the count goes down as connections close
+            answer = ""
+            for _ in range(100):
+                d = relay.raw()
+                answer = d.greeting
+                d.close()
+                if answer.startswith("220"):
+                    break
+            b.close()
+            return refused, closed, answer
+
+        refused, closed, answer = await in_thread(talk)
+        self.assertEqual(refused, "421 4.7.0 Too many connections from your address")
+        self.assertTrue(closed)
+        self.assertTrue(answer.startswith("220 "), answer)
+
+    async def test_proxy_protocol_endpoint(self) -> None:
+        """``haproxy:tcp:...`` endpoints work without code changes: the
+        client address is the one the load balancer reports."""
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import serverFromString
+
+        from tests.support import fetch_json, message
+
+        relay = RelayUnderTest(self)
+        endpoint = serverFromString(reactor, "haproxy:tcp:0:interface=127.0.0.1")
+        port = await endpoint.listen(relay.relay.factory("submission"))
+        self.addCleanup(port.stopListening)
+
+        def talk() -> str:
+            import socket
+
+            s = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+            s.sendall(b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 587\r\n")
+            c = RawClient.__new__(RawClient)
+            c.context, c.sock, c._buf = relay.client_context(), s, b""
+            c.greeting = c.reply()
+            c.ready()
+            c.cmd("MAIL FROM:<app@example.com>")
+            c.cmd("RCPT TO:<a@example.org>")
+            c.cmd("DATA")
+            answer = c.cmd(message(to="a@example.org") + b".")
+            c.close()
+            return answer
+
+        answer = await in_thread(talk)
+        self.assertTrue(answer.startswith("250 "), answer)
+        assert relay.api is not None
+        stored = await fetch_json(f"{relay.api.url}/{answer.split()[-1]}")
+        self.assertEqual(stored["client"]["address"], "192.0.2.7")

@@ -1,0 +1,602 @@
+"""The scenarios of ``bench/README.md``, each against the relay and the floor.
+
+Each scenario starts the server under test on CPU 0 (one at a time: the
+floor first, then the relay), warms it up, measures, and stops it; the
+load generator (this process) and the null API share CPU 1.  A scenario
+returns :class:`Row` objects, one per server, for the table that
+:mod:`bench.__main__` prints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import procs
+from bench.loadgen import (
+    Load,
+    MessageFactory,
+    Stats,
+    Target,
+    close_sessions,
+    open_sessions,
+    run_load,
+    run_transactions,
+)
+
+TOKEN = "bench-token"
+MB = 1024 * 1024
+#: A transaction this slow smells of a 40 ms delayed-ACK stall (scenario 3).
+STALL = 0.035
+
+
+# -- measurements -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CpuMark:
+    """A process's CPU time at one moment, two ways."""
+
+    ticks: float  # utime + stime of /proc/PID/stat (every thread ever), 10 ms steps
+    sched: float  # sum of /proc/PID/task/*/schedstat (live threads), nanoseconds
+    tids: frozenset[int] | None  # None: a thread came or went while reading
+
+
+def cpu_mark(pid: int) -> CpuMark:
+    ticks = procs.cpu_seconds(pid)
+    total = 0
+    tids: set[int] = set()
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+            tids.add(int(tid))
+    except (OSError, ValueError, IndexError):
+        return CpuMark(ticks, 0.0, None)
+    return CpuMark(ticks, total / 1e9, frozenset(tids))
+
+
+def cpu_used(a: CpuMark, b: CpuMark) -> float:
+    """Seconds of CPU between two marks: the nanosecond per-thread counters
+    when the same threads lived at both marks, else the clock ticks."""
+    if a.tids is not None and a.tids == b.tids:
+        return b.sched - a.sched
+    return b.ticks - a.ticks
+
+
+def median(values: list[float]) -> float:
+    values = [v for v in values if v == v]  # drop NaN
+    return statistics.median(values) if values else float("nan")
+
+
+@dataclass
+class Rep:
+    """One repetition: transactions and the server's CPU time over them."""
+
+    stats: Stats
+    cpu: float
+
+    @property
+    def cpu_per_msg(self) -> float:
+        return self.cpu / self.stats.ok if self.stats.ok else float("nan")
+
+
+@dataclass
+class Row:
+    """One line of the results table."""
+
+    scenario: str
+    title: str
+    server: str
+    rate: float = float("nan")
+    p50: float = float("nan")  # seconds
+    p99: float = float("nan")
+    errors: int = 0
+    cpu_us: float = float("nan")
+    rss_mb: float = float("nan")
+    ratio: float | None = None
+    target: str = "-"
+    verdict: str = "-"
+    notes: list[str] = field(default_factory=list)
+    samples: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_reps(cls, scenario: str, title: str, server: str, reps: list[Rep]) -> Row:
+        stats = [r.stats for r in reps]
+        samples: list[str] = []
+        for s in stats:
+            samples += s.samples
+        return cls(
+            scenario, title, server,
+            rate=median([s.rate() for s in stats]),
+            p50=median([s.percentile(50) for s in stats]),
+            p99=median([s.percentile(99) for s in stats]),
+            errors=sum(s.errors for s in stats),
+            cpu_us=median([r.cpu_per_msg for r in reps]) * 1e6,
+            samples=samples[:5],
+        )
+
+
+# -- the servers ---------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    """What every scenario shares."""
+
+    work: Path
+    cert: Path
+    key: Path
+    api_url: str
+    quick: bool
+    reps: int
+    log: Callable[[str], None]
+    profile: bool = False
+    profiles: dict[str, Path] = field(default_factory=dict)
+
+
+class Server:
+    """A server under test: the relay or the floor, pinned to CPU 0."""
+
+    label = "server"
+
+    def __init__(self, bench: Bench) -> None:
+        self.bench = bench
+        self.proc: procs.Process | None = None
+        self.starttls_port = procs.free_port()
+        self.smtps_port = procs.free_port()
+
+    def argv(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> Server:
+        # From the project root, where ``-m bench.floor`` finds this package.
+        self.proc = procs.Process(
+            self.label, procs.pinned(procs.SERVER_CPU, self.argv()),
+            self.bench.work / f"{self.label}-{self.starttls_port}.log",
+            [self.starttls_port, self.smtps_port],
+            cwd=procs.ROOT, env={**os.environ, "TMPDIR": str(self.bench.work)},
+        ).start()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+    def target(self, tls: str = "starttls") -> Target:
+        port = self.smtps_port if tls == "implicit" else self.starttls_port
+        return Target(port=port, tls=tls)
+
+    def peak_mb(self) -> float:
+        return procs.memory(self.pid)["VmHWM"] / MB
+
+    def rss_mb(self) -> float:
+        return procs.memory(self.pid)["VmRSS"] / MB
+
+
+class Floor(Server):
+    label = "floor"
+
+    def argv(self) -> list[str]:
+        b = self.bench
+        return [sys.executable, "-m", "bench.floor", "--port", str(self.starttls_port),
+                "--smtps-port", str(self.smtps_port), "--cert", str(b.cert), "--key", str(b.key),
+                "--log", str(b.work / f"floor-{self.starttls_port}-twisted.log")]
+
+
+class Relay(Server):
+    label = "relay"
+
+    def __init__(self, bench: Bench, api_url: str | None = None,
+                 reference_api: bool = False) -> None:
+        super().__init__(bench)
+        self.api_url = api_url or bench.api_url
+        self.reference_port = procs.free_port() if reference_api else None
+        if reference_api:
+            self.label = "relay+refapi"
+
+    def argv(self) -> list[str]:
+        b = self.bench
+        reference = None
+        api_url = self.api_url
+        if self.reference_port is not None:
+            db = b.work / f"refapi-{self.starttls_port}.sqlite3"
+            reference = (self.reference_port, db)
+            api_url = f"http://127.0.0.1:{self.reference_port}/v1/sends"
+        config = procs.relay_config(
+            b.work / f"relay-{self.starttls_port}.toml", cert=b.cert, key=b.key,
+            submission=self.starttls_port, smtps=self.smtps_port, api_url=api_url, token=TOKEN,
+            reference_api=reference)
+        return [str(procs.BIN / "twistd"), "-n", "--pidfile=", "mxmrelay", "--config",
+                str(config)]
+
+
+def start(bench: Bench, kind: str) -> Server:
+    if kind == "floor":
+        return Floor(bench).start()
+    if kind == "relay+refapi":
+        return Relay(bench, reference_api=True).start()
+    return Relay(bench).start()
+
+
+# -- profiling -----------------------------------------------------------------------
+
+
+class Profiler:
+    """py-spy attached to the relay for the measured phase (``--profile``)."""
+
+    def __init__(self, bench: Bench, name: str, pid: int) -> None:
+        self.out = procs.ROOT / "var" / f"bench-profile-{name}.txt"
+        self.proc: procs.Process | None = None
+        spy = procs.BIN / "py-spy"
+        if not spy.exists():
+            bench.log("  (--profile: py-spy is not installed: .venv/bin/pip install py-spy)")
+            return
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.proc = procs.Process(
+            "py-spy", [str(spy), "record", "--pid", str(pid), "--rate", "400", "--format",
+                       "raw", "--nonblocking", "--output", str(self.out)],
+            bench.work / f"py-spy-{name}.log", [])
+        self.proc.start()
+        time.sleep(0.5)  # attached
+        bench.profiles[name] = self.out
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.proc is not None:
+            import signal
+
+            self.proc.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.proc.wait(30)
+            except Exception:
+                self.proc.stop()
+
+
+# -- helpers -------------------------------------------------------------------------
+
+
+async def settle(seconds: float = 0.05) -> None:
+    """Let the server finish the work that follows its last reply."""
+    await asyncio.sleep(seconds)
+
+
+async def measured(server: Server, target: Target, load: Load,
+                   factory: MessageFactory | None = None) -> Rep:
+    """Open the sessions, then measure the server's CPU over the
+    transactions only (connecting, TLS and AUTH are outside)."""
+    marks: list[CpuMark] = []
+
+    async def mark() -> None:
+        await settle()
+        marks.append(cpu_mark(server.pid))
+
+    stats = await run_load(target, load, before=mark, after=mark, factory=factory)
+    return Rep(stats, cpu_used(marks[0], marks[1]) if len(marks) == 2 else float("nan"))
+
+
+async def warm_up(server: Server, target: Target, body_size: int = 2048,
+                  messages: int = 40) -> None:
+    """Load every code path once before measuring (imports, caches, pools)."""
+    stats = await run_load(target, Load(connections=2, messages=messages // 2,
+                                        body_size=body_size))
+    if stats.errors:
+        raise RuntimeError(f"{server.label}: warm-up failed: {stats.samples}")
+
+
+def ratio(value: float, floor: float) -> float | None:
+    if floor and floor == floor and value == value:
+        return value / floor
+    return None
+
+
+def met(ok: bool, detail: str) -> str:
+    return f"{'met' if ok else 'MISSED'} ({detail})"
+
+
+class RssSampler:
+    """Samples a server's RSS every 20 ms while a transaction runs (a
+    cross-check of ``VmHWM``, and the measure where it cannot be reset)."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.peak = 0.0
+        self._done = asyncio.Event()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while not self._done.is_set():
+            self.peak = max(self.peak, self.server.rss_mb())
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> float:
+        self._done.set()
+        await self._task
+        return self.peak
+
+
+# -- scenarios 1-3: throughput ------------------------------------------------------
+
+
+async def throughput(bench: Bench, scenario: str, title: str, servers: list[str],
+                     load: Load, rounds: int) -> dict[str, Row]:
+    """``bench.reps`` repetitions of ``rounds`` rounds of ``load`` (fresh
+    sessions each round); CPU per message is the median over repetitions."""
+    rows: dict[str, Row] = {}
+    for kind in servers:
+        server = start(bench, kind)
+        profiler: Profiler | None = None
+        try:
+            target = server.target()
+            await warm_up(server, target, load.body_size)
+            if bench.profile and kind == "relay":
+                profiler = Profiler(bench, f"s{scenario}", server.pid)
+            reps: list[Rep] = []
+            for _ in range(bench.reps):
+                total = Rep(Stats(), 0.0)
+                for _ in range(rounds):
+                    rep = await measured(server, target, load)
+                    total.stats.merge(rep.stats)
+                    total.cpu += rep.cpu
+                reps.append(total)
+            if profiler is not None:
+                profiler.stop()
+            row = Row.from_reps(scenario, title, kind, reps)
+            row.rss_mb = server.peak_mb()
+            stalls = sum(1 for r in reps for x in r.stats.latencies if x >= STALL)
+            if stalls:
+                row.notes.append(f"{stalls} transactions took >= {STALL * 1000:.0f} ms "
+                                 "(delayed-ACK stalls?)")
+            rows[kind] = row
+            bench.log(f"  {kind}: {row.rate:.0f} msgs/s, {row.cpu_us:.0f} us/msg, "
+                      f"p50 {row.p50 * 1000:.2f} ms, errors {row.errors}")
+        finally:
+            server.stop()
+    floor = rows.get("floor")
+    for kind, row in rows.items():
+        if kind != "floor" and floor is not None:
+            row.ratio = ratio(row.cpu_us, floor.cpu_us)
+    return rows
+
+
+async def scenario_1(bench: Bench) -> list[Row]:
+    title = "STARTTLS+AUTH, 2 KB, 8 conn x 20"
+    rows = await throughput(bench, "1", title, ["floor", "relay", "relay+refapi"],
+                            Load(connections=8, messages=20, body_size=2048, pipelining="off"),
+                            rounds=1 if bench.quick else 5)
+    relay = rows["relay"]
+    relay.target = "CPU <= 1.6x floor"
+    if relay.ratio is not None:
+        relay.verdict = met(relay.ratio <= 1.6 and relay.errors == 0, f"{relay.ratio:.2f}x")
+    rows["relay+refapi"].target = "end-to-end figure"
+    return list(rows.values())
+
+
+async def scenario_2(bench: Bench) -> list[Row]:
+    title = "STARTTLS+AUTH, 100 KB, 8 conn x 20"
+    rows = await throughput(bench, "2", title, ["floor", "relay"],
+                            Load(connections=8, messages=20, body_size=100 * 1024,
+                                 pipelining="off"),
+                            rounds=1 if bench.quick else 3)
+    relay = rows["relay"]
+    relay.target = "CPU <= 1.0x floor"
+    if relay.ratio is not None:
+        relay.verdict = met(relay.ratio <= 1.0 and relay.errors == 0, f"{relay.ratio:.2f}x")
+    return list(rows.values())
+
+
+async def scenario_3(bench: Bench) -> list[Row]:
+    title = "PIPELINING, 2 KB, 8 conn x 20"
+    rows = await throughput(bench, "3", title, ["floor", "relay"],
+                            Load(connections=8, messages=20, body_size=2048, pipelining="on"),
+                            rounds=1 if bench.quick else 5)
+    relay = rows["relay"]
+    relay.target = "p50 < 5 ms"
+    relay.verdict = met(relay.p50 < 0.005 and relay.errors == 0, f"{relay.p50 * 1000:.2f} ms")
+    rows["floor"].notes.append("the floor does not advertise PIPELINING; "
+                               "the generator pipelines anyway here")
+    return list(rows.values())
+
+
+# -- scenario 4: many idle connections ----------------------------------------------
+
+
+async def scenario_4(bench: Bench) -> list[Row]:
+    n = 200 if bench.quick else 1000
+    title = f"{n} idle STARTTLS+AUTH conns, then 1 msg each"
+    rows: list[Row] = []
+    floor_cpu = float("nan")
+    for kind in ("floor", "relay"):
+        server = start(bench, kind)
+        try:
+            target = server.target()
+            await warm_up(server, target)
+            load = Load(connections=n, messages=1, body_size=2048, pipelining="off",
+                        connect_concurrency=50, timeout=300)
+            idle_before = server.rss_mb()
+            t0 = time.perf_counter()
+            c0 = cpu_mark(server.pid)
+            sessions, failures = await open_sessions(target, load)
+            opened = time.perf_counter() - t0
+            await asyncio.sleep(2.0)  # idle
+            c1 = cpu_mark(server.pid)
+            idle_rss = server.rss_mb()
+            factory = MessageFactory(load.body_size, 1)
+            stats = await run_transactions(sessions, [1] * len(sessions), factory, load)
+            await settle()
+            c2 = cpu_mark(server.pid)
+            await close_sessions(sessions)
+            lost = n - len(sessions)
+            stats.attempted += lost
+            stats.errors += lost
+            stats.samples = (failures + stats.samples)[:5]
+            row = Row.from_reps("4", title, kind, [Rep(stats, cpu_used(c1, c2))])
+            row.rss_mb = server.peak_mb()
+            per_conn = cpu_used(c0, c1) / max(1, len(sessions)) * 1000
+            row.notes.append(
+                f"{len(sessions)}/{n} sessions open in {opened:.1f} s "
+                f"({per_conn:.2f} ms CPU each for TCP+TLS+AUTH); RSS {idle_before:.0f} MB "
+                f"before, {idle_rss:.0f} MB with all sessions idle "
+                f"({(idle_rss - idle_before) * 1024 / max(1, len(sessions)):.0f} KB each), "
+                f"peak {row.rss_mb:.0f} MB")
+            if kind == "floor":
+                floor_cpu = row.cpu_us
+            else:
+                row.ratio = ratio(row.cpu_us, floor_cpu)
+                row.target = "all ok, RSS < 150 MB"
+                row.verdict = met(row.errors == 0 and row.rss_mb < 150,
+                                  f"{row.errors} err, {row.rss_mb:.0f} MB")
+            rows.append(row)
+            bench.log(f"  {kind}: {row.notes[-1]}")
+        finally:
+            server.stop()
+    return rows
+
+
+# -- scenario 5: one 50 MB message --------------------------------------------------
+
+
+def api_stats(url: str) -> dict[str, object]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        data: dict[str, object] = json.loads(response.read())
+        return data
+
+
+async def scenario_5(bench: Bench) -> list[Row]:
+    size = 50 * 1000 * 1000
+    title = "one 50 MB message"
+    rows: list[Row] = []
+    api_port = procs.free_port()
+    hashing_api = procs.Process(
+        "nullapi-hash", procs.pinned(procs.CLIENT_CPU, [sys.executable, "-m", "bench.nullapi",
+                                                        "--port", str(api_port), "--hash"]),
+        bench.work / "nullapi-hash.log", [api_port], cwd=procs.ROOT).start()
+    factory = MessageFactory(size, 1)
+    floor_cpu = float("nan")
+    try:
+        for kind in ("floor", "relay"):
+            if kind == "relay":
+                server: Server = Relay(bench, f"http://127.0.0.1:{api_port}/v1/sends").start()
+            else:
+                server = Floor(bench).start()
+            try:
+                target = server.target()
+                await warm_up(server, target, messages=10)
+                load = Load(connections=1, messages=1, body_size=size, pipelining="off",
+                            timeout=300)
+                sessions, failures = await open_sessions(target, load)
+                await settle(0.5)
+                idle = server.rss_mb()
+                reset = procs.reset_peak(server.pid)
+                sampler = RssSampler(server)
+                c0 = cpu_mark(server.pid)
+                stats = await run_transactions(sessions, [1] * len(sessions), factory, load)
+                await settle()
+                c1 = cpu_mark(server.pid)
+                sampled = max(idle, await sampler.stop())
+                await close_sessions(sessions)
+                stats.errors += 1 - len(sessions)
+                stats.samples = (failures + stats.samples)[:5]
+                peak = max(sampled, server.peak_mb() if reset else sampled)
+                growth = peak - idle
+                row = Row.from_reps("5", title, kind, [Rep(stats, cpu_used(c0, c1))])
+                row.rss_mb = server.peak_mb()
+                row.notes.append(f"RSS {idle:.1f} MB idle, {peak:.1f} MB peak during the "
+                                 f"message: +{growth:.1f} MB"
+                                 + ("" if reset else " (sampled every 20 ms)"))
+                if kind == "floor":
+                    floor_cpu = row.cpu_us
+                else:
+                    row.ratio = ratio(row.cpu_us, floor_cpu)
+                    got = api_stats(f"http://127.0.0.1:{api_port}/stats")
+                    exact = (got.get("last_body_sha256") == factory.body_sha256
+                             and got.get("last_body_size") == len(factory.body))
+                    row.notes.append(
+                        f"body at the API: {got.get('last_body_size')} bytes, sha256 "
+                        f"{'equal to' if exact else 'DIFFERENT from'} what was sent"
+                        + (f" ({got.get('last_error')})" if got.get("last_error") else ""))
+                    row.target = "RSS +< 20 MB, byte-exact"
+                    row.verdict = met(growth < 20 and exact and row.errors == 0,
+                                      f"+{growth:.1f} MB, {'exact' if exact else 'NOT exact'}")
+                rows.append(row)
+                bench.log(f"  {kind}: " + "; ".join(row.notes))
+            finally:
+                server.stop()
+    finally:
+        hashing_api.stop()
+    return rows
+
+
+# -- scenario 6: 10,000 messages on one connection ----------------------------------
+
+
+async def scenario_6(bench: Bench) -> list[Row]:
+    n, window = (3000, 500) if bench.quick else (10_000, 1000)
+    title = f"{n:,} msgs on 1 conn (implicit TLS)"
+    rows: list[Row] = []
+    for kind in ("floor", "relay"):
+        server = start(bench, kind)
+        try:
+            row = await _one_connection(server, title, n, window)
+        finally:
+            server.stop()
+        if kind == "relay":
+            row.ratio = ratio(row.cpu_us, rows[0].cpu_us)
+            row.target = "last/first <= 1.10"
+        rows.append(row)
+        bench.log(f"  {kind}: " + row.notes[-1])
+    return rows
+
+
+async def _one_connection(server: Server, title: str, n: int, window: int) -> Row:
+    target = server.target("implicit")
+    await warm_up(server, target)
+    marks: dict[int, tuple[CpuMark, float]] = {}
+
+    def at(done: int) -> None:
+        if done in (window, n - window, n):
+            marks[done] = (cpu_mark(server.pid), server.rss_mb())
+
+    async def before() -> None:
+        await settle()
+        marks[0] = (cpu_mark(server.pid), server.rss_mb())
+
+    load = Load(connections=1, messages=n, body_size=2048, pipelining="off")
+    stats = await run_load(target, load, before=before, on_message=at)
+    if not all(k in marks for k in (0, window, n - window, n)):
+        raise RuntimeError(f"{server.label}: scenario 6 did not reach every mark: "
+                           f"{stats.samples}")
+    first = cpu_used(marks[0][0], marks[window][0]) / window
+    last = cpu_used(marks[n - window][0], marks[n][0]) / window
+    row = Row.from_reps("6", title, server.label,
+                        [Rep(stats, cpu_used(marks[0][0], marks[n][0]))])
+    row.rss_mb = server.peak_mb()
+    row.notes.append(
+        f"CPU per message: first {window:,} {first * 1e6:.0f} us, last {window:,} "
+        f"{last * 1e6:.0f} us ({last / first:.2f}x); RSS {marks[0][1]:.1f} MB at the "
+        f"start, {marks[n][1]:.1f} MB at the end")
+    if server.label == "relay":
+        row.verdict = met(last / first <= 1.10 and row.errors == 0, f"{last / first:.2f}x")
+    return row
+
+
+SCENARIOS = {
+    1: scenario_1,
+    2: scenario_2,
+    3: scenario_3,
+    4: scenario_4,
+    5: scenario_5,
+    6: scenario_6,
+}
