@@ -186,10 +186,10 @@ class SMTPServer(Protocol, TimeoutMixin):
         if open_now[self.session.client] <= 0:
             del open_now[self.session.client]
 
-    def _check_peer(self) -> None:
+    def _check_peer(self) -> bool:
         """Behind a PROXY-protocol endpoint the real client is known only
         once the proxy's header has been read (just before our first
-        bytes): take it from there."""
+        bytes): take it from there.  False if that client is refused."""
         peer = self.transport.getPeer()
         client = str(getattr(peer, "host", peer))
         if client != self.session.client:
@@ -198,6 +198,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             self._uncount_client()
             self.session.client = client
             self._count_client()
+        return not self._closed
 
     def handshakeCompleted(self) -> None:
         """Called by Twisted's TLS layer (``IHandshakeListener``)."""
@@ -261,8 +262,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self.resetTimeout()
         if self._first_bytes:
             self._first_bytes = False
-            self._check_peer()
-            if self._closed:
+            if not self._check_peer():
                 return
             if not self._tls and data[:1] == bytes([TLS_HANDSHAKE]):
                 # A TLS client on a STARTTLS port: it cannot read any reply.
