@@ -1,0 +1,203 @@
+"""``python -m bench`` (``make bench``): run the scenarios, print one table.
+
+    python -m bench              # all six scenarios, 3 repetitions (about 4 minutes)
+    python -m bench --quick      # 1 repetition, smaller counts (about 1.5 minutes)
+    python -m bench --only 2     # one scenario (or --only 1,3)
+    python -m bench --only 1,2 --profile   # py-spy on the relay: top self/cumulative costs
+
+The table also goes to ``var/bench-results.txt``.  See ``bench/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from bench import loadgen, procs
+from bench.scenarios import SCENARIOS, Bench, Row
+
+COLUMNS = [
+    ("#", 2, "<"), ("scenario", 40, "<"), ("server", 12, "<"), ("msgs/s", 7, ">"),
+    ("p50 ms", 7, ">"), ("p99 ms", 7, ">"), ("errors", 6, ">"), ("CPU us/msg", 10, ">"),
+    ("peak RSS MB", 11, ">"), ("x floor", 7, ">"), ("target", 24, "<"), ("result", 0, "<"),
+]
+
+
+def _num(value: float, digits: int = 0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def table(rows: list[Row]) -> str:
+    def line(cells: list[str]) -> str:
+        out = []
+        for (_, width, align), cell in zip(COLUMNS, cells, strict=True):
+            out.append(f"{cell:{align}{width}}" if width else cell)
+        return "  ".join(out).rstrip()
+
+    lines = [line([c[0] for c in COLUMNS]), line(["-" * max(w, len(n)) for n, w, _ in COLUMNS])]
+    last = None
+    for r in rows:
+        same = r.scenario == last
+        last = r.scenario
+        rate_digits = 2 if r.rate < 10 else 0
+        lines.append(line([
+            "" if same else r.scenario,
+            "" if same else r.title,
+            r.server,
+            _num(r.rate, rate_digits),
+            _num(r.p50 * 1000, 2),
+            _num(r.p99 * 1000, 2),
+            str(r.errors),
+            _num(r.cpu_us),
+            _num(r.rss_mb, 1),
+            "-" if r.ratio is None else f"{r.ratio:.2f}",
+            r.target,
+            r.verdict,
+        ]))
+    notes = []
+    for r in rows:
+        for n in r.notes:
+            notes.append(f"  {r.scenario} {r.server}: {n}")
+        for s in r.samples:
+            notes.append(f"  {r.scenario} {r.server}: error: {s}")
+    if notes:
+        lines += ["", "Notes:", *notes]
+    return "\n".join(lines)
+
+
+def profile_summary(path: Path, top: int = 15) -> str:
+    """Top self and cumulative costs from py-spy's raw (collapsed) output."""
+    own: Counter[str] = Counter()
+    cumulative: Counter[str] = Counter()
+    total = 0
+    for raw in path.read_text(errors="replace").splitlines():
+        stack, _, count = raw.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = [_short(f) for f in stack.split(";")]
+        # Drop the thread's name py-spy puts first, keep Python frames.
+        frames = [f for f in frames if f]
+        if not frames:
+            continue
+        own[frames[-1]] += n
+        for f in set(frames):
+            cumulative[f] += n
+    if not total:
+        return f"{path}: no samples"
+    out = [f"{path.name}: {total} samples"]
+    for title, counter in (("self", own), ("cumulative", cumulative)):
+        out.append(f"  top {top} by {title} time:")
+        for name, n in counter.most_common(top):
+            out.append(f"    {100 * n / total:5.1f}%  {name}")
+    return "\n".join(out)
+
+
+def _short(frame: str) -> str:
+    """``func (path/to/module.py:123)`` -> ``func (module.py)``: lines merged."""
+    frame = frame.strip()
+    if frame.startswith(("process ", "thread ")):
+        return ""
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")")
+    filename = where.rsplit(":", 1)[0]
+    parts = Path(filename).parts
+    for anchor in ("site-packages", "lib"):
+        if anchor in parts:
+            parts = parts[len(parts) - parts[::-1].index(anchor):]
+            break
+    short = "/".join(parts[-3:]) if parts else filename
+    return f"{name} ({short})"
+
+
+def git_revision() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(procs.ROOT), "describe", "--always", "--dirty"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "?"
+    except OSError:
+        return "?"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="1 repetition, smaller counts")
+    p.add_argument("--only", default="", help="scenario numbers, e.g. 2 or 1,3")
+    p.add_argument("--reps", type=int, default=None, help="repetitions (default 3, quick 1)")
+    p.add_argument("--profile", action="store_true",
+                   help="attach py-spy to the relay in scenarios 1-3 (perturbs the figures)")
+    p.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
+    p.add_argument("--output", type=Path, default=procs.ROOT / "var" / "bench-results.txt")
+    a = p.parse_args(argv)
+    try:
+        wanted = [int(x) for x in a.only.replace(" ", "").split(",") if x] or sorted(SCENARIOS)
+    except ValueError:
+        p.error("--only takes scenario numbers: --only 2 or --only 1,3")
+    if any(n not in SCENARIOS for n in wanted):
+        p.error(f"--only: scenarios are {', '.join(map(str, SCENARIOS))}")
+
+    started = time.monotonic()
+    procs.raise_fd_limit()
+    procs.pin_self(procs.CLIENT_CPU)
+    work = Path(tempfile.mkdtemp(prefix="mxmrelay-bench-"))
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    cert, key = procs.make_certificate(work)
+    api_port = procs.free_port()
+    api = procs.Process(
+        "nullapi", procs.pinned(procs.CLIENT_CPU, [sys.executable, "-m", "bench.nullapi",
+                                                   "--port", str(api_port)]),
+        work / "nullapi.log", [api_port], cwd=procs.ROOT).start()
+    bench = Bench(work=work, cert=cert, key=key, api_url=f"http://127.0.0.1:{api_port}/v1/sends",
+                  quick=a.quick, reps=a.reps or (1 if a.quick else 3), log=log,
+                  profile=a.profile)
+    cores = procs.cpus()
+    log(f"bench: work folder {work}; {cores} cores; server on CPU {procs.SERVER_CPU}, "
+        f"load generator ({loadgen.loop_name()}) and null API on CPU {procs.CLIENT_CPU}")
+    rows: list[Row] = []
+    try:
+        for n in wanted:
+            t0 = time.monotonic()
+            log(f"scenario {n}: ...")
+            rows += loadgen.run(SCENARIOS[n](bench))
+            log(f"scenario {n}: {time.monotonic() - t0:.0f} s")
+    finally:
+        api.stop()
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    took = time.monotonic() - started
+    header = (
+        f"mxmrelay bench {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
+        f"{git_revision()}, Python {platform.python_version()}, {loadgen.loop_name()}, "
+        f"{cores} cores, {'quick, ' if a.quick else ''}{bench.reps} repetition(s) "
+        f"(medians), {took:.0f} s")
+    report = header + "\n\n" + table(rows) + "\n"
+    print(report)
+    for name, path in bench.profiles.items():
+        summary = profile_summary(path)
+        top = path.with_name(path.stem + "-top.txt")
+        top.write_text(summary + "\n")
+        print(f"py-spy profile of the relay, scenario {name[1:]} "
+              f"(raw stacks in {path}):\n{summary}\n")
+    a.output.parent.mkdir(parents=True, exist_ok=True)
+    a.output.write_text(report)
+    print(f"(written to {a.output})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
