@@ -47,6 +47,8 @@ class AuthConfig:
     max_failures_per_address: int = 10
     max_failures_per_user: int = 5
     window: float = 600.0
+    #: Seconds a successful login is remembered (0: never).
+    cache_ttl: float = 300.0
 
 
 @attrs.frozen
@@ -148,6 +150,7 @@ class Config:
                 max_failures_per_address=a.integer("max_failures_per_address", 10, low=1),
                 max_failures_per_user=a.integer("max_failures_per_user", 5, low=1),
                 window=a.number("window", 600.0, low=1),
+                cache_ttl=a.number("cache_ttl", 300.0, low=0),
             )
         return cls(
             hostname=r.string("hostname"),

@@ -21,7 +21,7 @@ import attrs
 import treq
 from treq.client import HTTPClient
 from twisted.internet import ssl
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.logger import Logger
@@ -40,6 +40,8 @@ from mxmrelay.reply import Reply
 log = Logger(namespace="mxmrelay.forwarder")
 
 TEMPORARY = "Temporary failure, try again later"
+#: Bodies up to this size are written in one go (FileBodyProducer's chunk).
+SMALL_BODY = 64 * 1024
 
 
 @implementer(IBodyProducer)
@@ -57,6 +59,7 @@ class MultipartProducer:
             b"Content-Type: message/rfc822\r\n\r\n" + head
         )
         self._post = b"\r\n--" + b + b"--\r\n"
+        self._file = body
         self._body = FileBodyProducer(body)
         self.length = len(self._pre) + self._body.length + len(self._post)
 
@@ -66,6 +69,12 @@ class MultipartProducer:
 
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:
         consumer.write(self._pre)
+        if self._body.length <= SMALL_BODY:
+            # Most messages: one write now, rather than a cooperative task
+            # that would start on the next reactor turn.
+            consumer.write(self._file.read())
+            consumer.write(self._post)
+            return succeed(None)
         d: Deferred[None] = self._body.startProducing(consumer)
         d.addCallback(lambda _: consumer.write(self._post))
         return d
@@ -150,8 +159,6 @@ class Forwarder:
                     send_id.replace("-", "").replace("_", "").isalnum()):
                 log.error("delivery API answered {code} without a usable id", code=code)
                 raise Reply(451, "4.3.0", TEMPORARY)
-            log.info("forwarded id={id} api_id={api_id} code={code}",
-                     id=metadata.get("id"), api_id=send_id, code=code)
             return str(send_id)
         log.warn("delivery API refused id={id}: {code} {reason}", id=metadata.get("id"),
                  code=code, reason=reason)

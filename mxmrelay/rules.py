@@ -59,10 +59,10 @@ Decisions the service description leaves open, and why:
 from __future__ import annotations
 
 import base64
-import functools
 import binascii
 import codecs
 import datetime
+import functools
 import ipaddress
 import re
 import unicodedata

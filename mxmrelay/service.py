@@ -18,7 +18,7 @@ from twisted.internet.ssl import CertificateOptions
 from twisted.internet.task import deferLater
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from mxmrelay.auth import DirectoryChecker, FailureLimiter
+from mxmrelay.auth import CredentialCache, DirectoryChecker, FailureLimiter
 from mxmrelay.config import Config
 from mxmrelay.delivery import Outbound, Realm
 from mxmrelay.directory import IDirectory, TomlDirectory
@@ -124,7 +124,8 @@ class Relay:
             directory = IDirectory(TomlDirectory.from_file(config.directory))
         outbound = Outbound(forwarder, config.hostname, config.bounce_template,
                             config.spool_memory)
-        portal = Portal(Realm(outbound), [DirectoryChecker(directory)])
+        cache = CredentialCache(reactor, config.auth.cache_ttl)
+        portal = Portal(Realm(outbound), [DirectoryChecker(directory, cache=cache)])
         return cls(config, reactor, settings_for(config, portal, tls, reactor), tls)
 
     def factory(self, role: str) -> IProtocolFactory:

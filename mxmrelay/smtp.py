@@ -646,17 +646,21 @@ class SMTPServer(Protocol, TimeoutMixin):
             self._reply(reader.error)
             self._reset()
             return
-        log.info("data client={client} user={user} from={sender} rcpts={rcpts} size={size}",
-                 client=self.session.client, user=self.session.user, sender=self._mail_from,
-                 rcpts=len(self._rcpts), size=reader.size)
+        # One log line per transaction, written once its answer is known.
+        facts = {"client": self.session.client, "user": self.session.user,
+                 "sender": self._mail_from, "rcpts": len(self._rcpts), "size": reader.size}
 
         def done(send_id: str) -> None:
             self._reset()
             self._ok(250, "2.0.0", f"Ok: queued as {send_id}")
+            log.info("sent id={id} client={client} user={user} from={sender} rcpts={rcpts} "
+                     "size={size}", id=send_id, **facts)
 
         def failed(f: Failure) -> None:
             self._reset()
             self._refused(f)
+            log.info("refused reply={reply} client={client} user={user} from={sender} "
+                     "rcpts={rcpts} size={size}", reply=str(f.value), **facts)
 
         self._wait(maybeDeferred(message.eomReceived), done, failed)
 

@@ -275,3 +275,29 @@ class Timers(TestCase):
         factory.shutdown()
         self.assertTrue(t.value().endswith(b"421 4.3.2 Service shutting down\r\n"))
         self.assertTrue(t.disconnecting)
+
+
+class CredentialCaching(SynchronousTestCase):
+    def test_cache(self) -> None:
+        from mxmrelay.auth import CredentialCache
+        from mxmrelay.directory import CustomerSpace, User
+
+        space = CustomerSpace(id="c", name="c", domains=frozenset({"example.com"}))
+        user = User("u@example.com", "scrypt$hash-one", space)
+        clock = Clock()
+        cache = CredentialCache(clock, ttl=60)
+        self.assertFalse(cache.hit(user, "pw"))
+        cache.remember(user, "pw")
+        self.assertTrue(cache.hit(user, "pw"))
+        self.assertTrue(cache.hit(User("U@EXAMPLE.COM", "scrypt$hash-one", space), "pw"))
+        self.assertFalse(cache.hit(user, "pw2"))
+        self.assertFalse(cache.hit(User("u@example.com", "scrypt$hash-two", space), "pw"))
+        clock.advance(61)
+        self.assertFalse(cache.hit(user, "pw"))
+        off = CredentialCache(clock, ttl=0)
+        off.remember(user, "pw")
+        self.assertFalse(off.hit(user, "pw"))
+        small = CredentialCache(clock, ttl=60, max_entries=10)
+        for i in range(50):
+            small.remember(User(f"u{i}@example.com", "h", space), "pw")
+        self.assertEqual(len(small._entries), 10)
