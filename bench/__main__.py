@@ -1,7 +1,7 @@
 """``python -m bench`` (``make bench``): run the scenarios, print one table.
 
-    python -m bench              # all six scenarios, 3 repetitions (about 4 minutes)
-    python -m bench --quick      # 1 repetition, smaller counts (about 1.5 minutes)
+    python -m bench              # all six scenarios, 3 repetitions (1 to 2.5 minutes)
+    python -m bench --quick      # 1 repetition, smaller counts (under a minute)
     python -m bench --only 2     # one scenario (or --only 1,3)
     python -m bench --only 1,2 --profile   # py-spy on the relay: top self/cumulative costs
 
@@ -23,10 +23,10 @@ from collections import Counter
 from pathlib import Path
 
 from bench import loadgen, procs
-from bench.scenarios import SCENARIOS, Bench, Row
+from bench.scenarios import SCENARIOS, Bench, Interference, Row
 
 COLUMNS = [
-    ("#", 2, "<"), ("scenario", 40, "<"), ("server", 12, "<"), ("msgs/s", 7, ">"),
+    ("#", 2, "<"), ("scenario", 42, "<"), ("server", 12, "<"), ("msgs/s", 7, ">"),
     ("p50 ms", 7, ">"), ("p99 ms", 7, ">"), ("errors", 6, ">"), ("CPU us/msg", 10, ">"),
     ("peak RSS MB", 11, ">"), ("x floor", 7, ">"), ("target", 24, "<"), ("result", 0, "<"),
 ]
@@ -77,49 +77,68 @@ def table(rows: list[Row]) -> str:
 
 
 def profile_summary(path: Path, top: int = 15) -> str:
-    """Top self and cumulative costs from py-spy's raw (collapsed) output."""
-    own: Counter[str] = Counter()
-    cumulative: Counter[str] = Counter()
-    total = 0
+    """Top self and cumulative costs from py-spy's raw (collapsed) output,
+    for the reactor's thread (the one whose stacks hold ``mainLoop``)."""
+    threads: dict[str, list[tuple[list[str], int]]] = {}
     for raw in path.read_text(errors="replace").splitlines():
         stack, _, count = raw.rpartition(" ")
         if not stack or not count.isdigit():
             continue
-        n = int(count)
-        total += n
-        frames = [_short(f) for f in stack.split(";")]
-        # Drop the thread's name py-spy puts first, keep Python frames.
-        frames = [f for f in frames if f]
-        if not frames:
-            continue
-        own[frames[-1]] += n
-        for f in set(frames):
-            cumulative[f] += n
-    if not total:
+        frames = stack.split(";")
+        thread = frames[0] if frames[0].startswith(("thread ", "process ")) else ""
+        while frames and frames[0].startswith(("thread ", "process ")):
+            frames = frames[1:]
+        threads.setdefault(thread, []).append(([_short(f) for f in frames], int(count)))
+    if not threads:
         return f"{path}: no samples"
-    out = [f"{path.name}: {total} samples"]
-    for title, counter in (("self", own), ("cumulative", cumulative)):
+
+    def reactor_samples(item: tuple[str, list[tuple[list[str], int]]]) -> int:
+        return sum(n for frames, n in item[1] if any(f.startswith("ReactorBase.mainLoop")
+                                                       for f in frames))
+
+    name, stacks = max(threads.items(), key=reactor_samples)
+    own: Counter[str] = Counter()
+    by_file: Counter[str] = Counter()
+    cumulative: Counter[str] = Counter()
+    total = 0
+    for frames, n in stacks:
+        total += n
+        if frames:
+            own[frames[-1]] += n
+            by_file[frames[-1].partition(" (")[2].rstrip(")")] += n
+        for f in set(frames):
+            if not f.startswith(_DISPATCH) and "(twisted/scripts/" not in f:
+                cumulative[f] += n
+    others = sum(n for t, st in threads.items() if t != name for _, n in st)
+    out = [f"{path.name}: {total} samples of the reactor thread "
+           f"({others} of other threads left out)"]
+    for title, counter in (("self", own), ("self, by file", by_file),
+                           ("cumulative (reactor dispatch frames left out)", cumulative)):
         out.append(f"  top {top} by {title} time:")
-        for name, n in counter.most_common(top):
-            out.append(f"    {100 * n / total:5.1f}%  {name}")
+        for fn, n in counter.most_common(top):
+            out.append(f"    {100 * n / total:5.1f}%  {fn}")
     return "\n".join(out)
 
 
+#: Frames every reactor callback runs under: left out of the cumulative list.
+_DISPATCH = (
+    "<module> (twistd)", "run (twisted/", "runApp ", "ApplicationRunner.", "runReactorWithLogging",
+    "UnixApplicationRunner.", "ReactorBase.run ", "ReactorBase.mainLoop", "EPollReactor.doPoll",
+    "_PollLikeMixin._doReadOrWrite", "callWithLogger", "callWithContext",
+    "ContextTracker.callWithContext", "ThreadedContextTracker.callWithContext",
+)
+
+
 def _short(frame: str) -> str:
-    """``func (path/to/module.py:123)`` -> ``func (module.py)``: lines merged."""
-    frame = frame.strip()
-    if frame.startswith(("process ", "thread ")):
-        return ""
-    name, _, where = frame.partition(" (")
-    where = where.rstrip(")")
-    filename = where.rsplit(":", 1)[0]
+    """``func (path/to/pkg/module.py:123)`` -> ``func (pkg/module.py)``."""
+    name, _, where = frame.strip().partition(" (")
+    filename = where.rstrip(")").rsplit(":", 1)[0]
     parts = Path(filename).parts
-    for anchor in ("site-packages", "lib"):
+    for anchor in ("site-packages", "python3.11", "lib"):
         if anchor in parts:
             parts = parts[len(parts) - parts[::-1].index(anchor):]
             break
-    short = "/".join(parts[-3:]) if parts else filename
-    return f"{name} ({short})"
+    return f"{name} ({'/'.join(parts[-3:]) if parts else filename})"
 
 
 def git_revision() -> str:
@@ -137,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="", help="scenario numbers, e.g. 2 or 1,3")
     p.add_argument("--reps", type=int, default=None, help="repetitions (default 3, quick 1)")
     p.add_argument("--profile", action="store_true",
-                   help="attach py-spy to the relay in scenarios 1-3 (perturbs the figures)")
+                   help="after scenarios 1-3's measured runs, one more with py-spy on the relay")
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
     p.add_argument("--output", type=Path, default=procs.ROOT / "var" / "bench-results.txt")
     a = p.parse_args(argv)
@@ -173,8 +192,12 @@ def main(argv: list[str] | None = None) -> int:
         for n in wanted:
             t0 = time.monotonic()
             log(f"scenario {n}: ...")
-            rows += loadgen.run(SCENARIOS[n](bench))
-            log(f"scenario {n}: {time.monotonic() - t0:.0f} s")
+            interference = Interference(bench, [api])
+            got = loadgen.run(SCENARIOS[n](bench))
+            load = interference.measure()
+            got[-1].notes.append(load)
+            rows += got
+            log(f"scenario {n}: {time.monotonic() - t0:.0f} s; {load}")
     finally:
         api.stop()
         if not a.keep:

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         implicit = FloorFactory(portal, None)
         endpoints.SSL4ServerEndpoint(reactor, a.smtps_port, tls,
                                      interface="127.0.0.1").listen(implicit)
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
 
 
 if __name__ == "__main__":

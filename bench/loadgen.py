@@ -33,8 +33,10 @@ import statistics
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any, TypeVar
 
+uvloop: ModuleType | None
 try:  # pragma: no cover - depends on the environment
     import uvloop
 except ImportError:  # pragma: no cover
@@ -52,7 +54,8 @@ WRITE_CHUNK = 1024 * 1024
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` on uvloop when it is installed, else on asyncio's loop."""
     if uvloop is not None:
-        return uvloop.run(coro)
+        result: T = uvloop.run(coro)
+        return result
     return asyncio.run(coro)
 
 
@@ -111,6 +114,9 @@ class Target:
     tls: str = "starttls"
     user: str | None = USER
     password: str | None = PASSWORD
+    #: Local addresses to connect from, in turn (e.g. 127.0.0.2, 127.0.0.3,
+    #: ...: many clients); None: the system's choice.
+    sources: list[str] | None = None
 
 
 @dataclass
@@ -208,8 +214,10 @@ class MessageFactory:
 class Session:
     """One SMTP connection, opened to an authenticated state."""
 
-    def __init__(self, target: Target, load: Load, ctx: ssl.SSLContext) -> None:
+    def __init__(self, target: Target, load: Load, ctx: ssl.SSLContext,
+                 source: str | None = None) -> None:
         self.target = target
+        self.source = source
         self.load = load
         self.ctx = ctx
         self.reader: asyncio.StreamReader | None = None
@@ -255,7 +263,8 @@ class Session:
         implicit = t.tls == "implicit"
         self.reader, self.writer = await asyncio.open_connection(
             t.host, t.port, ssl=self.ctx if implicit else None,
-            server_hostname="localhost" if implicit else None)
+            server_hostname="localhost" if implicit else None,
+            local_addr=(self.source, 0) if self.source else None)
         await self._expect(220, "banner")
         keywords = await self._ehlo()
         if t.tls == "starttls":
@@ -341,9 +350,10 @@ async def open_sessions(target: Target, load: Load,
     n = load.connections if count is None else count
     failures: list[str] = []
 
-    async def one() -> Session | None:
+    async def one(i: int) -> Session | None:
         async with gate:
-            s = Session(target, load, ctx)
+            source = target.sources[i % len(target.sources)] if target.sources else None
+            s = Session(target, load, ctx, source)
             try:
                 await asyncio.wait_for(s.open(), load.timeout)
                 return s
@@ -353,7 +363,7 @@ async def open_sessions(target: Target, load: Load,
                 await s.quit()
                 return None
 
-    opened = await asyncio.gather(*(one() for _ in range(n)))
+    opened = await asyncio.gather(*(one(i) for i in range(n)))
     return [s for s in opened if s is not None], failures
 
 

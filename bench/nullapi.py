@@ -24,8 +24,10 @@ import hashlib
 import json
 import os
 import re
+from types import ModuleType
 from typing import Any
 
+uvloop: ModuleType | None
 try:  # pragma: no cover - depends on the environment
     import uvloop
 except ImportError:  # pragma: no cover

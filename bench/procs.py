@@ -71,6 +71,42 @@ def cpu_seconds(pid: int) -> float:
     return (utime + stime) / CLK_TCK
 
 
+def tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a relay with ``workers = N`` is a
+    supervisor and N children), from ``/proc/PID/task/TID/children``."""
+    out = [pid]
+    i = 0
+    while i < len(out):
+        p = out[i]
+        i += 1
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    out += [int(x) for x in f.read().split()]
+        except OSError:
+            continue
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    total = 0.0
+    for p in tree(pid):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += cpu_seconds(p)
+    return total
+
+
+def tree_memory(pid: int) -> dict[str, int]:
+    """``VmRSS`` and ``VmHWM`` summed over the process tree (the sum of
+    peaks is an upper bound of the tree's peak when there are several)."""
+    out = {"VmRSS": 0, "VmHWM": 0}
+    for p in tree(pid):
+        with contextlib.suppress(OSError, ValueError):
+            for k, v in memory(p).items():
+                out[k] += v
+    return out
+
+
 def memory(pid: int) -> dict[str, int]:
     """``VmRSS`` and ``VmHWM`` in bytes."""
     out: dict[str, int] = {}
@@ -82,11 +118,33 @@ def memory(pid: int) -> dict[str, int]:
     return out
 
 
+def busy_per_cpu() -> dict[int, tuple[float, float]]:
+    """Per CPU: seconds busy (user, nice, system, irq, softirq, steal) and
+    of those stolen by the hypervisor, from ``/proc/stat``."""
+    out: dict[int, tuple[float, float]] = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *values = line.split()
+            if not name.startswith("cpu") or name == "cpu":
+                continue
+            v = [int(x) for x in values[:8]]
+            busy = v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
+            out[int(name[3:])] = (busy / CLK_TCK, v[7] / CLK_TCK)
+    return out
+
+
+def self_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 def reset_peak(pid: int) -> bool:
-    """Reset ``VmHWM`` to the current RSS; False where not permitted."""
+    """Reset ``VmHWM`` to the current RSS (of the whole tree); False where
+    not permitted."""
     try:
-        with open(f"/proc/{pid}/clear_refs", "w") as f:
-            f.write("5")
+        for p in tree(pid):
+            with open(f"/proc/{p}/clear_refs", "w") as f:
+                f.write("5")
         return True
     except OSError:
         return False
@@ -104,6 +162,8 @@ class Process:
         self.cwd = cwd
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
+        #: CPU seconds used, read just before it was told to stop.
+        self.final_cpu = 0.0
 
     @property
     def pid(self) -> int:
@@ -145,16 +205,19 @@ class Process:
         return self.proc is not None and self.proc.poll() is None
 
     def cpu(self) -> float:
-        return cpu_seconds(self.pid)
+        """CPU seconds of the process and its descendants."""
+        return tree_cpu_seconds(self.pid)
 
     def memory(self) -> dict[str, int]:
-        return memory(self.pid)
+        return tree_memory(self.pid)
 
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM, then SIGKILL after ``timeout``; returns the exit status."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                self.final_cpu = tree_cpu_seconds(self.proc.pid)
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)

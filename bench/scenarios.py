@@ -10,9 +10,12 @@ returns :class:`Row` objects, one per server, for the table that
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import time
 import urllib.request
@@ -34,7 +37,8 @@ from bench.loadgen import (
 
 TOKEN = "bench-token"
 MB = 1024 * 1024
-#: A transaction this slow smells of a 40 ms delayed-ACK stall (scenario 3).
+#: Scenario 3 counts transactions this slow: a 40 ms delayed-ACK stall
+#: (Nagle's algorithm meeting a delayed ACK) would land here.
 STALL = 0.035
 
 
@@ -51,16 +55,20 @@ class CpuMark:
 
 
 def cpu_mark(pid: int) -> CpuMark:
-    ticks = procs.cpu_seconds(pid)
+    """The CPU time of ``pid`` and its descendants, if any."""
+    pids = procs.tree(pid)
+    ticks = 0.0
     total = 0
     tids: set[int] = set()
     try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-            tids.add(int(tid))
+        for p in pids:
+            ticks += procs.cpu_seconds(p)
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+                tids.add(int(tid))
     except (OSError, ValueError, IndexError):
-        return CpuMark(ticks, 0.0, None)
+        return CpuMark(procs.tree_cpu_seconds(pid), 0.0, None)
     return CpuMark(ticks, total / 1e9, frozenset(tids))
 
 
@@ -141,6 +149,50 @@ class Bench:
     log: Callable[[str], None]
     profile: bool = False
     profiles: dict[str, Path] = field(default_factory=dict)
+    #: Processes started for the current scenario, on each CPU (for the
+    #: estimate of other processes' load, see :class:`Interference`).
+    started: dict[int, list[procs.Process]] = field(default_factory=dict)
+
+    def track(self, cpu: int, process: procs.Process) -> procs.Process:
+        self.started.setdefault(cpu, []).append(process)
+        return process
+
+
+class Interference:
+    """How busy each CPU was with *other* processes while a scenario ran:
+    ``/proc/stat``'s busy time minus the bench's own processes' CPU time.
+    Loopback networking's softirq work is not charged to any process, so a
+    few per cent is the bench itself; much more means someone else shared
+    the machine and the figures are less trustworthy."""
+
+    def __init__(self, bench: Bench, resident: list[procs.Process]) -> None:
+        self.bench = bench
+        self.resident = resident  # on the client CPU across scenarios
+        bench.started = {}
+        self.t0 = time.monotonic()
+        self.busy0 = procs.busy_per_cpu()
+        self.self0 = procs.self_cpu()
+        self.res0 = sum(p.cpu() for p in resident if p.alive())
+
+    def measure(self) -> str:
+        elapsed = time.monotonic() - self.t0
+        busy = procs.busy_per_cpu()
+        own = {procs.SERVER_CPU: 0.0, procs.CLIENT_CPU: 0.0}
+        for cpu, started in self.bench.started.items():
+            own[cpu] = own.get(cpu, 0.0) + sum(
+                p.cpu() if p.alive() else p.final_cpu for p in started)
+        own[procs.CLIENT_CPU] += procs.self_cpu() - self.self0
+        own[procs.CLIENT_CPU] += sum(p.cpu() for p in self.resident if p.alive()) - self.res0
+        parts = []
+        for cpu in sorted(busy):
+            if cpu not in self.busy0:
+                continue
+            total = busy[cpu][0] - self.busy0[cpu][0]
+            steal = busy[cpu][1] - self.busy0[cpu][1]
+            other = max(0.0, total - own.get(cpu, 0.0))
+            parts.append(f"CPU {cpu} {100 * other / elapsed:.0f}%"
+                         + (f" (steal {100 * steal / elapsed:.0f}%)" if steal > 0.01 else ""))
+        return "load not the bench's own: " + ", ".join(parts)
 
 
 class Server:
@@ -159,12 +211,12 @@ class Server:
 
     def start(self) -> Server:
         # From the project root, where ``-m bench.floor`` finds this package.
-        self.proc = procs.Process(
+        self.proc = self.bench.track(procs.SERVER_CPU, procs.Process(
             self.label, procs.pinned(procs.SERVER_CPU, self.argv()),
             self.bench.work / f"{self.label}-{self.starttls_port}.log",
             [self.starttls_port, self.smtps_port],
             cwd=procs.ROOT, env={**os.environ, "TMPDIR": str(self.bench.work)},
-        ).start()
+        )).start()
         return self
 
     @property
@@ -181,10 +233,10 @@ class Server:
         return Target(port=port, tls=tls)
 
     def peak_mb(self) -> float:
-        return procs.memory(self.pid)["VmHWM"] / MB
+        return procs.tree_memory(self.pid)["VmHWM"] / MB
 
     def rss_mb(self) -> float:
-        return procs.memory(self.pid)["VmRSS"] / MB
+        return procs.tree_memory(self.pid)["VmRSS"] / MB
 
 
 class Floor(Server):
@@ -236,7 +288,13 @@ def start(bench: Bench, kind: str) -> Server:
 
 
 class Profiler:
-    """py-spy attached to the relay for the measured phase (``--profile``)."""
+    """py-spy attached to the relay while it runs transactions (``--profile``).
+
+    Only the transaction phase is sampled (sessions are opened before
+    py-spy attaches), with ``--threads`` so that the summary can keep the
+    reactor's thread: the password hashes of AUTH run on the thread pool
+    and would otherwise drown everything else.
+    """
 
     def __init__(self, bench: Bench, name: str, pid: int) -> None:
         self.out = procs.ROOT / "var" / f"bench-profile-{name}.txt"
@@ -246,23 +304,41 @@ class Profiler:
             bench.log("  (--profile: py-spy is not installed: .venv/bin/pip install py-spy)")
             return
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.proc = procs.Process(
-            "py-spy", [str(spy), "record", "--pid", str(pid), "--rate", "400", "--format",
-                       "raw", "--nonblocking", "--output", str(self.out)],
-            bench.work / f"py-spy-{name}.log", [])
+        self.proc = bench.track(procs.CLIENT_CPU, procs.Process(
+            "py-spy", [str(spy), "record", "--pid", str(pid), "--rate", "1000", "--format",
+                       "raw", "--threads", "--nonblocking", "--output", str(self.out)],
+            bench.work / f"py-spy-{name}.log", []))
         self.proc.start()
-        time.sleep(0.5)  # attached
+        time.sleep(1.0)  # attached
         bench.profiles[name] = self.out
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.proc is not None:
-            import signal
-
             self.proc.proc.send_signal(signal.SIGINT)
             try:
                 self.proc.proc.wait(30)
-            except Exception:
+            except subprocess.TimeoutExpired:
                 self.proc.stop()
+
+
+async def profile_transactions(bench: Bench, server: Server, load: Load, name: str) -> None:
+    """A separate, longer run of ``load`` with py-spy attached to the
+    server for its transactions only (the table's figures come from the
+    runs before, without the profiler)."""
+    spy: list[Profiler] = []
+
+    async def attach() -> None:
+        await settle()
+        spy.append(Profiler(bench, name, server.pid))
+
+    async def detach() -> None:
+        await settle()
+        for p in spy:
+            p.stop()
+
+    longer = dataclasses.replace(load, messages=load.messages * 25)
+    stats = await run_load(server.target(), longer, before=attach, after=detach)
+    bench.log(f"  profiled {stats.ok} transactions of the relay")
 
 
 # -- helpers -------------------------------------------------------------------------
@@ -337,12 +413,9 @@ async def throughput(bench: Bench, scenario: str, title: str, servers: list[str]
     rows: dict[str, Row] = {}
     for kind in servers:
         server = start(bench, kind)
-        profiler: Profiler | None = None
         try:
             target = server.target()
             await warm_up(server, target, load.body_size)
-            if bench.profile and kind == "relay":
-                profiler = Profiler(bench, f"s{scenario}", server.pid)
             reps: list[Rep] = []
             for _ in range(bench.reps):
                 total = Rep(Stats(), 0.0)
@@ -351,16 +424,21 @@ async def throughput(bench: Bench, scenario: str, title: str, servers: list[str]
                     total.stats.merge(rep.stats)
                     total.cpu += rep.cpu
                 reps.append(total)
-            if profiler is not None:
-                profiler.stop()
+            if bench.profile and kind == "relay":
+                await profile_transactions(bench, server, load, f"s{scenario}")
             row = Row.from_reps(scenario, title, kind, reps)
             row.rss_mb = server.peak_mb()
-            stalls = sum(1 for r in reps for x in r.stats.latencies if x >= STALL)
-            if stalls:
-                row.notes.append(f"{stalls} transactions took >= {STALL * 1000:.0f} ms "
-                                 "(delayed-ACK stalls?)")
+            if load.pipelining == "on":
+                stalls = sum(1 for r in reps for x in r.stats.latencies if x >= STALL)
+                count = sum(len(r.stats.latencies) for r in reps)
+                row.notes.append(f"{stalls} of {count} transactions took >= "
+                                 f"{STALL * 1000:.0f} ms (where 40 ms delayed-ACK stalls "
+                                 "would show)")
             rows[kind] = row
-            bench.log(f"  {kind}: {row.rate:.0f} msgs/s, {row.cpu_us:.0f} us/msg, "
+            spread = ", ".join(f"{r.cpu_per_msg * 1e6:.0f}" for r in reps)
+            if len(reps) > 1:
+                row.notes.append(f"CPU us/msg of each repetition: {spread}")
+            bench.log(f"  {kind}: {row.rate:.0f} msgs/s, {row.cpu_us:.0f} us/msg ({spread}), "
                       f"p50 {row.p50 * 1000:.2f} ms, errors {row.errors}")
         finally:
             server.stop()
@@ -415,7 +493,7 @@ async def scenario_3(bench: Bench) -> list[Row]:
 
 async def scenario_4(bench: Bench) -> list[Row]:
     n = 200 if bench.quick else 1000
-    title = f"{n} idle STARTTLS+AUTH conns, then 1 msg each"
+    title = f"{n:,} idle STARTTLS+AUTH conns, 1 msg each"
     rows: list[Row] = []
     floor_cpu = float("nan")
     for kind in ("floor", "relay"):
@@ -423,6 +501,9 @@ async def scenario_4(bench: Bench) -> list[Row]:
         try:
             target = server.target()
             await warm_up(server, target)
+            # Many clients: spread over loopback addresses, at most 50 each
+            # (the relay refuses more than 100 at once from one address).
+            target.sources = [f"127.0.0.{2 + i}" for i in range(max(1, n // 50))]
             load = Load(connections=n, messages=1, body_size=2048, pipelining="off",
                         connect_concurrency=50, timeout=300)
             idle_before = server.rss_mb()
@@ -479,10 +560,10 @@ async def scenario_5(bench: Bench) -> list[Row]:
     title = "one 50 MB message"
     rows: list[Row] = []
     api_port = procs.free_port()
-    hashing_api = procs.Process(
+    hashing_api = bench.track(procs.CLIENT_CPU, procs.Process(
         "nullapi-hash", procs.pinned(procs.CLIENT_CPU, [sys.executable, "-m", "bench.nullapi",
                                                         "--port", str(api_port), "--hash"]),
-        bench.work / "nullapi-hash.log", [api_port], cwd=procs.ROOT).start()
+        bench.work / "nullapi-hash.log", [api_port], cwd=procs.ROOT)).start()
     factory = MessageFactory(size, 1)
     floor_cpu = float("nan")
     try:

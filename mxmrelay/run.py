@@ -12,6 +12,7 @@ leave the process hanging instead of exiting 1.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -63,5 +64,10 @@ def check(config: Config, where: str, reactor: Any) -> None:
 
 
 def _fail(message: str) -> NoReturn:
-    print(f"mxmrelay: cannot start: {message}", file=sys.stderr)
-    raise SystemExit(1)
+    print(f"mxmrelay: cannot start: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # os._exit, not SystemExit: a half-built service may already have started
+    # a non-daemon thread (the reference API's database worker, opened before
+    # the workers' supervisor binds its sockets), and the interpreter would
+    # wait for it forever: a start-up error must end the process.
+    os._exit(1)
