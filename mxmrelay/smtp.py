@@ -496,7 +496,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         client = self.session.client
         if self.settings.user_limiter.blocked(username.lower()):
             log.warn("auth rate limited rhost={client} user={user}", client=client,
-                     user=username)
+                     user=_printable(username))
             raise SASLError(454, "4.7.0", "Temporary authentication failure")
         creds = UsernamePassword(username.encode("utf-8"), password.encode("utf-8"))
         d = self.settings.portal.login(creds, self.session, IMessageDelivery)
@@ -504,7 +504,8 @@ class SMTPServer(Protocol, TimeoutMixin):
         def done(result: tuple[Any, Any, Callable[[], None]]) -> None:
             _, self._avatar, self._logout = result
             self.session.user = username
-            log.info("auth ok client={client} user={user}", client=client, user=username)
+            log.info("auth ok client={client} user={user}", client=client,
+                     user=_printable(username))
             self._ok(235, "2.7.0", "Authentication successful")
 
         def failed(f: Failure) -> None:
@@ -514,7 +515,7 @@ class SMTPServer(Protocol, TimeoutMixin):
                 self.settings.user_limiter.record(username.lower())
                 # fail2ban: failregex = auth failure rhost=<HOST>
                 log.warn("auth failure rhost={client} user={user}", client=client,
-                         user=username)
+                         user=_printable(username))
                 if self._auth_failures >= self.settings.max_auth_failures:
                     self._close(Reply(421, "4.7.0", "Too many authentication failures"))
                 else:
@@ -738,6 +739,12 @@ class DataReader:
         if self.error is None:
             self.error = reply
             self._discard()
+
+
+def _printable(text: str) -> str:
+    """A client-chosen string made safe for one log line (a user name
+    with a newline must not forge a second, fail2ban-matching line)."""
+    return text if text.isprintable() else ascii(text)[1:-1]
 
 
 def _has_long_line(region: bytes, limit: int) -> bool:

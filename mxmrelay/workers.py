@@ -63,11 +63,18 @@ def bind(listener: Listener) -> tuple[socket.socket, bool]:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, int(args[0])))
         sock.listen(int(kwargs.get("backlog", "1024")))
-    elif kind == "systemd" and "index" in kwargs:
-        fd = 3 + int(kwargs["index"])
-        if os.environ.get("LISTEN_PID") != str(os.getpid()):
-            raise ConfigError(f"{listener.endpoint}: not started by systemd socket activation")
-        sock = socket.socket(fileno=os.dup(fd))
+    elif kind == "systemd":
+        # Twisted's own parser knows the inherited descriptors (it takes
+        # LISTEN_FDS/LISTEN_PID out of the environment when it is imported).
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
+
+        try:
+            endpoint = serverFromString(reactor, desc)
+        except (IndexError, KeyError, ValueError) as e:
+            raise ConfigError(f"{listener.endpoint}: no such socket from systemd ({e})") from e
+        assert isinstance(endpoint, AdoptedStreamServerEndpoint)
+        sock = socket.socket(fileno=os.dup(endpoint.fileno))
     else:
         raise ConfigError(f"{listener.endpoint}: with workers > 1 a listener's endpoint must be "
                           "tcp:PORT, systemd:domain=...:index=N, or either behind haproxy:")

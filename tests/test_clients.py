@@ -531,11 +531,6 @@ class Process(unittest.TestCase):
     async def test_socket_activation_with_workers(self) -> None:
         await self.socket_activation(workers=2)
 
-    test_socket_activation_with_workers.todo = (  # type: ignore[attr-defined]
-        "mxmrelay/workers.py bind() looks for LISTEN_PID in os.environ, which Twisted's "
-        "systemd endpoint parser has already removed when twisted.internet.endpoints was "
-        "imported: the supervisor says 'not started by systemd socket activation'")
-
     async def socket_activation(self, workers: int) -> None:
         """The production example's [[listener]] endpoints, verbatim, on
         sockets made as mxmrelay.socket makes them (dual-stack IPv6, passed

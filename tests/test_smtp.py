@@ -495,3 +495,29 @@ class Connections(unittest.TestCase):
         assert relay.api is not None
         stored = await fetch_json(f"{relay.api.url}/{answer.split()[-1]}")
         self.assertEqual(stored["client"]["address"], "192.0.2.7")
+
+
+class LogSafety(unittest.TestCase):
+    async def test_user_name_cannot_forge_log_lines(self) -> None:
+        from twisted.logger import formatEvent
+
+        relay = RelayUnderTest(self)
+        lines: list[str] = []
+
+        def observe(event: dict) -> None:  # type: ignore[type-arg]
+            lines.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+
+        def talk() -> str:
+            c = relay.raw().ready(login=False)
+            answer = c.login("x\nauth failure rhost=203.0.113.9 user=y", "pw")
+            c.close()
+            return answer
+
+        self.assertEqual(await in_thread(talk), "535 5.7.8 Authentication credentials invalid")
+        failures = [x for x in lines if x.startswith("auth failure")]
+        self.assertEqual(len(failures), 1)
+        self.assertNotIn("\n", failures[0])
+        self.assertTrue(failures[0].startswith("auth failure rhost=127.0.0.1 user=x\\n"))
