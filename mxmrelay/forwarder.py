@@ -19,20 +19,26 @@ from typing import IO, Any
 
 import attrs
 import treq
+from hyperlink import EncodedURL
+from OpenSSL import SSL
 from treq.client import HTTPClient
 from twisted.internet import ssl
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.logger import Logger
 from twisted.web.client import (
+    URI,
     Agent,
     BrowserLikePolicyForHTTPS,
     FileBodyProducer,
     HTTPConnectionPool,
+    ResponseFailed,
+    ResponseNeverReceived,
 )
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
 from mxmrelay.reply import Reply
@@ -100,6 +106,8 @@ class Forwarder:
     ca_file: Path | None = None
     pool: HTTPConnectionPool = attrs.field(init=False)
     _client: HTTPClient = attrs.field(init=False)
+    _parsed_url: EncodedURL = attrs.field(init=False)
+    _headers: Headers = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.pool = HTTPConnectionPool(self.reactor, persistent=True)
@@ -110,8 +118,13 @@ class Forwarder:
             policy = BrowserLikePolicyForHTTPS(trustRoot=roots)
         else:
             policy = BrowserLikePolicyForHTTPS()
-        self._client = HTTPClient(Agent(self.reactor, contextFactory=policy,
-                                             pool=self.pool))
+        # Parsed once: treq would parse a string URL on every request.
+        self._parsed_url = EncodedURL.from_text(self.url)
+        self._headers = Headers({b"Authorization": [b"Bearer " + self.token.encode()],
+                                 b"Accept": [b"application/json"]})
+        endpoints = _Endpoints(self.reactor, policy)
+        self._client = HTTPClient(Agent.usingEndpointFactory(self.reactor, endpoints,
+                                                             pool=self.pool))
 
     def close(self) -> Deferred[None]:
         d: Deferred[None] = self.pool.closeCachedConnections()
@@ -137,13 +150,10 @@ class Forwarder:
     async def _post(self, metadata: Mapping[str, Any], key: str, head: bytes,
                     body: IO[bytes]) -> str:
         producer = MultipartProducer(json.dumps(metadata).encode(), head, body)
-        headers = Headers({
-            b"Authorization": [b"Bearer " + self.token.encode()],
-            b"Idempotency-Key": [key.encode()],
-            b"Content-Type": [producer.content_type],
-            b"Accept": [b"application/json"],
-        })
-        response = await self._client.post(self.url, data=producer, headers=headers,
+        headers = self._headers.copy()
+        headers.setRawHeaders(b"Idempotency-Key", [key.encode()])
+        headers.setRawHeaders(b"Content-Type", [producer.content_type])
+        response = await self._client.post(self._parsed_url, data=producer, headers=headers,
                                            allow_redirects=False)
         content = await treq.content(response)
         return self._outcome(response.code, content, metadata)
@@ -188,8 +198,41 @@ class Forwarder:
         if failure.check(ConnectError, DNSLookupError):
             log.warn("delivery API unreachable: {error}", error=failure.getErrorMessage())
             raise Reply(451, "4.4.1", "Delivery API unreachable, try again later")
+        if failure.check(ResponseFailed, ResponseNeverReceived):
+            reasons = failure.value.reasons
+            if any(r.check(SSL.Error) for r in reasons):
+                # The API's certificate did not verify: the operator's to fix.
+                log.error("TLS to the delivery API failed: {error}",
+                          error="; ".join(r.getErrorMessage() for r in reasons))
+                raise Reply(451, "4.7.5", "TLS to delivery API failed, try again later")
+            log.warn("delivery API connection failed: {error}",
+                     error="; ".join(r.getErrorMessage() for r in reasons))
+            raise Reply(451, "4.4.2", "Connection to delivery API failed, try again later")
         log.failure("delivery API call failed", failure)
         raise Reply(451, "4.4.2", "Connection to delivery API failed, try again later")
+
+
+@implementer(IAgentEndpointFactory)
+@attrs.define
+class _Endpoints:
+    """One endpoint per API host, made once: Agent's default factory makes
+    a new one (IDNA-encoding the host) for every request, even when the
+    pool then reuses a connection."""
+
+    reactor: Any
+    policy: BrowserLikePolicyForHTTPS
+    _made: dict[tuple[bytes, bytes, int], Any] = attrs.field(factory=dict)
+
+    def endpointForURI(self, uri: URI) -> Any:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._made.get(key)
+        if endpoint is None:
+            endpoint = HostnameEndpoint(self.reactor, uri.host, uri.port)
+            if uri.scheme == b"https":
+                creator = self.policy.creatorForNetloc(uri.host, uri.port)
+                endpoint = wrapClientTLS(creator, endpoint)
+            self._made[key] = endpoint
+        return endpoint
 
 
 def _reason(content: bytes) -> str:

@@ -398,6 +398,13 @@ def _domain_key(domain: str) -> str:
     return ".".join(labels)
 
 
+@functools.lru_cache(maxsize=8)
+def _date(when: datetime.datetime, offset: datetime.timedelta | None) -> str:
+    # Cached: every send in the same second shares its date text.  (The
+    # offset is in the key: equal instants in two zones are equal datetimes.)
+    return format_datetime(when)
+
+
 @functools.lru_cache(maxsize=4096)
 def _envelope_key(address: str) -> tuple[str, str]:
     # Cached: a relay sees the same few senders and recipients again and
@@ -710,7 +717,7 @@ def received_header(
             f"id {_host(send_id, 'unknown')}",
         ],
     ]
-    date = format_datetime(when)
+    date = _date(when.replace(microsecond=0), when.utcoffset())
     if recipient and not re.search(r"[\s<>]", recipient) and recipient.isprintable():
         lines.append([f"for <{recipient}>;", date])
     else:

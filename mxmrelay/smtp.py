@@ -721,8 +721,9 @@ class DataReader:
             # Bare CR or LF: normalised to CRLF (documented policy).  They
             # never end DATA, so they cannot smuggle a second message.
             region = _LINE_ENDING.sub(b"\r\n", region)
-        if b"\r\n." in region:
-            region = region.replace(b"\r\n.", b"\r\n")
+        # Dot-unstuffing; ``replace`` hands back the same object when there
+        # is nothing to replace, so no separate search first.
+        region = region.replace(b"\r\n.", b"\r\n")
         if self._first:
             self._first = False
             region = region[2:]

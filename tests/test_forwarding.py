@@ -759,3 +759,56 @@ class Pool(unittest.TestCase):
         self.assertTrue(reply.startswith(QUEUED), reply)
         self.assertEqual(front.accepted, 2)
         self.assertEqual(len(await ledger.check()), 5)
+
+
+# --------------------------------------------------------------------------
+# 7. HTTPS to the API: verification on, a private CA by configuration
+
+
+class HTTPS(unittest.TestCase):
+    async def test_verified_with_ca_file_refused_without(self) -> None:
+        from mxmrelay.forwarder import Forwarder
+        from mxmrelay.service import Relay
+        from mxmrelay.tls import server_context
+        from tests.support import TOKEN, directory, make_certificate
+
+        folder = Path(self.mktemp()).resolve()
+        folder.mkdir(parents=True)
+        cert, key = make_certificate(folder / "api-tls", "localhost")
+        api = ReferenceAPI.open(folder / "api.sqlite3", TOKEN)
+        self.addCleanup(api.close)
+        port = reactor.listenSSL(0, api.site(), server_context(cert, key),
+                                 interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        url = f"https://localhost:{port.getHost().port}/v1/sends"
+
+        async def send_via(ca_file: Path | None) -> tuple[int, bytes]:
+            relay = RelayUnderTest(self, api_url=url)
+            forwarder = Forwarder(reactor, url, TOKEN, 10, ca_file)
+            self.addCleanup(forwarder.close)
+            relay.relay = Relay.build(relay.config, reactor, forwarder, directory())
+            listening = reactor.listenTCP(0, relay.relay.factory("smtps"),
+                                          interface="127.0.0.1")
+            self.addCleanup(listening.stopListening)
+            relay.ports["smtps"] = listening.getHost().port
+
+            def talk() -> tuple[int, bytes]:
+                c = relay.smtp("smtps")
+                c.mail("app@example.com")
+                c.rcpt("someone@example.org")
+                result = c.data(message("https " + str(ca_file)))
+                c.quit()
+                return result
+
+            return await in_thread(talk)
+
+        code, text = await send_via(cert)
+        self.assertEqual(code, 250, text)
+        code, text = await send_via(None)  # the system store does not know our CA
+        self.assertEqual(code, 451, text)
+        self.assertEqual(text, b"4.7.5 TLS to delivery API failed, try again later")
+        # Read what was stored over a plain listener of the same API.
+        plain = reactor.listenTCP(0, api.site(), interface="127.0.0.1")
+        self.addCleanup(plain.stopListening)
+        listed = await fetch_json(f"http://127.0.0.1:{plain.getHost().port}/v1/sends")
+        self.assertEqual(len(listed["sends"]), 1)
