@@ -8,6 +8,12 @@ SOURCES := $(shell find mxmrelay twisted -name '*.py') setup.cfg pyproject.toml
 CERT   := var/tls/localhost.pem
 # Debian packages the tests drive as real clients.
 TEST_TOOLS := swaks curl openssl chromium
+# Debian packages of the compatibility tests' clients (tests/test_compat.py):
+# installed when missing and when this Debian has them; a test whose client
+# is absent is skipped.
+TEST_PACKAGES := msmtp php-cli libphp-phpmailer
+# Nodemailer, from npm, into var/node when node and npm are there.
+NODEMAILER := var/node/node_modules/nodemailer
 
 .PHONY: run test lint typecheck unit bench tools clean
 
@@ -52,6 +58,27 @@ tools:
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@missing=""; for p in $(TEST_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  apt-get update -qq || true; available=""; \
+	  for p in $$missing; do \
+	    if apt-cache policy $$p 2>/dev/null | grep -q 'Candidate: [^(]'; then available="$$available $$p"; \
+	    else echo "not in this Debian, its tests will be skipped: $$p"; fi; \
+	  done; \
+	  if [ -n "$$available" ]; then \
+	    echo "installing:$$available"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$available >/dev/null; \
+	  fi; \
+	fi
+	@if [ ! -d $(NODEMAILER) ]; then \
+	  if command -v node >/dev/null && command -v npm >/dev/null; then \
+	    echo "installing: nodemailer (npm, into var/node)"; \
+	    mkdir -p var/node && npm install --prefix var/node --no-audit --no-fund --silent nodemailer \
+	      || echo "nodemailer could not be installed: its tests will be skipped"; \
+	  else echo "no node/npm: the Nodemailer tests will be skipped"; fi; \
 	fi
 
 clean:

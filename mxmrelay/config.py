@@ -8,6 +8,7 @@ the same file works whatever directory twistd was started from.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -166,7 +167,7 @@ class Config:
             idle_timeout=r.number("idle_timeout", 300.0, low=1),
             max_connections_per_address=r.integer("max_connections_per_address", 100, low=1),
             spool_memory=r.integer("spool_memory", 512 * 1024, low=0),
-            workers=r.integer("workers", 1, low=1, high=256),
+            workers=r.workers(),
         )
 
 
@@ -213,6 +214,12 @@ class _Reader:
         if value < low or (high is not None and value > high):
             raise self.error(key, f"must be between {low} and {high or 'any'}")
         return value
+
+    def workers(self) -> int:
+        """``workers``: a count, or "auto" for one per core."""
+        if self.data.get("workers") == "auto":
+            return max(1, len(os.sched_getaffinity(0)))
+        return self.integer("workers", 1, low=1, high=256)
 
     def number(self, key: str, default: float, low: float = 0, high: float | None = None) -> float:
         value = self.data.get(key, default)

@@ -301,3 +301,18 @@ class CredentialCaching(SynchronousTestCase):
         for i in range(50):
             small.remember(User(f"u{i}@example.com", "h", space), "pw")
         self.assertEqual(len(small._entries), 10)
+
+
+class WorkersSetting(SynchronousTestCase):
+    def test_auto_and_count(self) -> None:
+        import os
+
+        folder = Path(self.mktemp()).resolve()
+        folder.mkdir(parents=True)
+        base = config_dict(folder, "https://api.test/v1/sends")
+        self.assertEqual(Config.from_dict(base, folder, "x").workers, 1)
+        auto = Config.from_dict({**base, "workers": "auto"}, folder, "x").workers
+        self.assertEqual(auto, len(os.sched_getaffinity(0)))
+        self.assertEqual(Config.from_dict({**base, "workers": 3}, folder, "x").workers, 3)
+        for bad in (0, "many", 1.5):
+            self.assertRaises(ConfigError, Config.from_dict, {**base, "workers": bad}, folder, "x")
