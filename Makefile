@@ -11,7 +11,7 @@ TEST_TOOLS := swaks curl openssl chromium
 # Debian packages of the compatibility tests' clients (tests/test_compat.py):
 # installed when missing and when this Debian has them; a test whose client
 # is absent is skipped.
-TEST_PACKAGES := msmtp php-cli libphp-phpmailer
+TEST_PACKAGES := msmtp php-cli libphp-phpmailer fail2ban
 # Nodemailer, from npm, into var/node when node and npm are there.
 NODEMAILER := var/node/node_modules/nodemailer
 
