@@ -193,15 +193,20 @@ def parse_plain(response: bytes) -> tuple[str, str]:
     if len(parts) != 3:
         raise SASLError(501, "5.5.2", "Cannot decode response")
     authzid, authcid, passwd = (_utf8(p) for p in parts)
-    if not authcid:
+    if not authcid or not authcid.isprintable() or not authzid.isprintable():
         raise SASLError(501, "5.5.2", "Cannot decode response")
     if authzid and authzid.lower() != authcid.lower():
         raise SASLError(535, "5.7.8", "Authentication credentials invalid")
     return authcid, passwd
 
 
-def decode_text(response: bytes) -> str:
-    return _utf8(response)
+def decode_text(response: bytes, *, name: bool = False) -> str:
+    """A LOGIN response as text; a user ``name`` must be printable (no
+    line breaks to smuggle into logs or the workers' control channel)."""
+    text = _utf8(response)
+    if name and not (text and text.isprintable()):
+        raise SASLError(501, "5.5.2", "Cannot decode response")
+    return text
 
 
 def _utf8(b: bytes) -> str:

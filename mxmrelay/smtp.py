@@ -465,7 +465,8 @@ class SMTPServer(Protocol, TimeoutMixin):
                     self._auth_step = "plain"
                     self._write(b"334 \r\n")
             elif initial:
-                self._auth_user = auth.decode_text(auth.decode_response(initial.encode()))
+                self._auth_user = auth.decode_text(auth.decode_response(initial.encode()),
+                                                  name=True)
                 self._auth_step = "password"
                 self._write(b"334 UGFzc3dvcmQ6\r\n")
             else:
@@ -484,7 +485,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             if step == "plain":
                 self._login(*auth.parse_plain(response))
             elif step == "username":
-                self._auth_user = auth.decode_text(response)
+                self._auth_user = auth.decode_text(response, name=True)
                 self._auth_step = "password"
                 self._write(b"334 UGFzc3dvcmQ6\r\n")
             else:
@@ -700,8 +701,15 @@ class DataReader:
         if self.error is not None:
             self._carry = buf[-4:]
             return None
-        cut = buf.rfind(b"\r\n")
-        if len(buf) - cut > TEXT_LINE_LIMIT + 2:
+        # Cut before the last line ending (a CRLF kept whole, or a bare LF:
+        # bare endings are lines too), so that the carry is one partial line.
+        cut = buf.rfind(b"\n")
+        if cut > 0 and buf[cut - 1] == 0x0D:
+            cut -= 1
+        ending = 2 if buf.startswith(b"\r\n", cut) else 1
+        # (a CR at the very end may be the first half of the next CRLF)
+        partial = len(buf) - cut - ending - (1 if buf.endswith(b"\r") else 0)
+        if partial > TEXT_LINE_LIMIT:
             # The line in progress is already too long: stop keeping it.
             self._fail(Reply(500, "5.5.2", "Line too long"))
             self._carry = buf[-4:]
@@ -735,6 +743,9 @@ class DataReader:
             self._sink(region)
         except Reply as reply:
             self._fail(reply)
+        except OSError as e:  # the spool's disk is full, or out of descriptors
+            log.error("spool write failed: {error}", error=e)
+            self._fail(Reply(452, "4.3.1", "Insufficient system storage"))
 
     def _fail(self, reply: Reply) -> None:
         if self.error is None:

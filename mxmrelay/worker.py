@@ -8,6 +8,7 @@ until the supervisor goes away (its end of our stdin closes).
 from __future__ import annotations
 
 import argparse
+import json
 import socket
 import sys
 from pathlib import Path
@@ -42,14 +43,14 @@ class _Control(LineOnlyReceiver):
 
     def lineReceived(self, line: bytes) -> None:
         try:
-            verb, kind, until, key = line.decode().split(" ", 3)
-        except ValueError:
+            verb, kind, key, until = json.loads(line)
+        except (ValueError, TypeError):
             return
         if verb == "block" and kind in self.limiters:
-            self.limiters[kind].block(key, float(until))
+            self.limiters[kind].block(str(key), float(until))
 
     def report(self, kind: str, key: str) -> None:
-        self.sendLine(f"fail {kind} {key}".encode())
+        self.sendLine(json.dumps(["fail", kind, key]).encode())
 
 
 def main(argv: list[str] | None = None) -> None:

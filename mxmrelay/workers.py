@@ -12,6 +12,7 @@ worker, so an attacker meets one limit however connections are spread.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -104,9 +105,10 @@ def _parse(desc: str) -> tuple[str, list[str], dict[str, str]]:
 class _Control(LineOnlyReceiver):
     """The supervisor's end of one worker's control channel.
 
-    A worker sends ``fail address|user KEY``; the supervisor counts, and
-    when a key crosses its limit sends ``block address|user UNTIL KEY`` to
-    every worker.
+    A worker sends ``["fail", "address"|"user", KEY]``; the supervisor
+    counts, and when a key crosses its limit sends ``["block", KIND, KEY,
+    UNTIL]`` to every worker.  One JSON array a line: a key, which a client
+    chose, can never add a line of its own.
     """
 
     delimiter = b"\n"
@@ -122,15 +124,15 @@ class _Control(LineOnlyReceiver):
 
     def lineReceived(self, line: bytes) -> None:
         try:
-            verb, kind, key = line.decode().split(" ", 2)
-        except ValueError:
+            verb, kind, key = json.loads(line)
+        except (ValueError, TypeError):
             return
         limiter = self.supervisor.limiters.get(kind)
-        if verb != "fail" or limiter is None:
+        if verb != "fail" or limiter is None or not isinstance(key, str):
             return
         until = limiter.record(key)
         if until is not None:
-            message = f"block {kind} {until!r} {key}".encode()
+            message = json.dumps(["block", kind, key, until]).encode()
             for channel in self.supervisor.channels:
                 channel.sendLine(message)
 

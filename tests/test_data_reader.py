@@ -155,3 +155,33 @@ class LongLines(SynchronousTestCase):
         region = b"".join(b"\r\n" + b"x" * n for n in lengths)
         naive = any(n > limit for n in lengths)
         self.assertEqual(_has_long_line(region, limit), naive)
+
+
+class ReadBoundaries(SynchronousTestCase):
+    """The answer never depends on where the network splits the stream."""
+
+    def test_longest_line_split_between_cr_and_lf(self) -> None:
+        line = b"." + b"a" * 998 + b"\r\n"
+        for cut in range(len(line) - 3, len(line) + 1):
+            c = Collector()
+            self.assertEqual(c.feed_all([line[:cut], line[cut:] + b".\r\n"]), b"")
+            self.assertIsNone(c.reader.error, cut)
+            self.assertEqual(c.content, b"a" * 998 + b"\r\n")
+
+    def test_bare_lf_lines_split_anywhere(self) -> None:
+        body = b"".join(b"line %04d of bare LF text\n" % i for i in range(200))
+        stream = body + b"\r\n.\r\n"
+        expected = body.replace(b"\n", b"\r\n") + b"\r\n"
+        for size in (7, 100, 1000, 4096, len(stream)):
+            c = Collector()
+            c.feed_all([stream[i:i + size] for i in range(0, len(stream), size)])
+            self.assertIsNone(c.reader.error, size)
+            self.assertEqual(c.content, expected, size)
+
+    def test_spool_failure_is_a_4xx(self) -> None:
+        def sink(data: bytes) -> None:
+            raise OSError(28, "No space left on device")
+
+        reader = DataReader(sink, lambda: None, 10**6)
+        self.assertEqual(reader.feed(b"a\r\n.\r\nNOOP\r\n"), b"NOOP\r\n")
+        self.assertEqual(reader.error, Reply(452, "4.3.1", "Insufficient system storage"))
