@@ -128,7 +128,10 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._clock = clock
         self._connections = connections
         self._tls = role == "smtps"
+        #: Pipelined input not yet answered: ``_buffer[_pos:]``.  An offset,
+        #: so that a batch of N commands is not N copies of the rest.
         self._buffer = b""
+        self._pos = 0
         self._skipping = False
         self._out: list[bytes] = []
         self._busy = False
@@ -136,7 +139,10 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._first_bytes = True
         self._unknown = 0
         self._shutting_down = False
-        self._paused = False
+        #: The transport's write buffer is full (the client does not read
+        #: its replies): answer nothing more until it drains.
+        self._write_blocked = False
+        self._reading_paused = False
         # the authenticated state
         self._avatar: Any = None
         self._logout: Callable[[], None] | None = None
@@ -161,6 +167,10 @@ class SMTPServer(Protocol, TimeoutMixin):
 
     def connectionMade(self) -> None:
         no_delay(self.transport)
+        # Replies wait in the transport while the client does not read
+        # them: past its buffer, the transport pauses us, and we stop
+        # answering (no reply amplification into memory).
+        self.transport.registerProducer(self, True)
         peer = self.transport.getPeer()
         self.session = Session(client=str(getattr(peer, "host", peer)), listener=self.role)
         self._connections.add(self)
@@ -234,6 +244,8 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._reply(reply)
         self._flush()
         self._closed = True
+        # A registered producer would hold the connection open.
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
 
     # -- output ---------------------------------------------------------------
@@ -268,24 +280,53 @@ class SMTPServer(Protocol, TimeoutMixin):
                 # A TLS client on a STARTTLS port: it cannot read any reply.
                 log.info("tls on plain port client={client}", client=self.session.client)
                 self._closed = True
+                self.transport.unregisterProducer()
                 self.transport.loseConnection()
                 return
-        if self._message is not None and not self._busy:
+        if self._message is not None and not self._busy and not self._write_blocked:
             self._data(data)
         else:
             self._buffer += data
         self._run()
         self._flush()
-        if self._busy and len(self._buffer) > PAUSE_AT and not self._paused:
-            self._paused = True
+
+    def _check_reading(self) -> None:
+        """Stop reading while input waits (for an answer, or for the client
+        to read its replies) and more than PAUSE_AT of it is queued."""
+        waiting = self._busy or self._write_blocked
+        full = waiting and len(self._buffer) - self._pos > PAUSE_AT
+        if full and not self._reading_paused:
+            self._reading_paused = True
             self.transport.pauseProducing()
+        elif not full and self._reading_paused and not self._closed:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+
+    # IPushProducer, registered with the transport for its write buffer
+    def pauseProducing(self) -> None:
+        self._write_blocked = True
+
+    def resumeProducing(self) -> None:
+        self._write_blocked = False
+        if not self._closed:
+            self._run()
+            self._flush()
+
+    def stopProducing(self) -> None:
+        pass
+
+    def _unconsumed(self) -> bytes:
+        """Take all of the pipelined input not yet answered."""
+        data = self._buffer[self._pos:]
+        self._buffer, self._pos = b"", 0
+        return data
 
     def _run(self) -> None:
         """Answer buffered commands in order, stopping at the first that
         must wait for an answer (AUTH, MAIL, RCPT, end of DATA)."""
-        while not self._busy and not self._closed:
+        while not self._busy and not self._closed and not self._write_blocked:
             if self._message is not None:
-                data, self._buffer = self._buffer, b""
+                data = self._unconsumed()
                 if data:
                     self._data(data)
                     continue
@@ -297,20 +338,20 @@ class SMTPServer(Protocol, TimeoutMixin):
                 self._auth_line(line)
             else:
                 self._command(line)
-        if self._paused and not self._busy and not self._closed:
-            self._paused = False
-            self.transport.resumeProducing()
+        self._check_reading()
 
     def _next_line(self) -> bytes | None:
         while True:
-            i = self._buffer.find(b"\n")
+            buf, pos = self._buffer, self._pos
+            i = buf.find(b"\n", pos)
             if i < 0:
+                self._buffer, self._pos = buf[pos:], 0
                 if len(self._buffer) > AUTH_LINE_LIMIT + 2:
                     # A line that never ends must not grow memory.
                     self._buffer = b""
                     self._skipping = True
                 return None
-            line, self._buffer = self._buffer[:i], self._buffer[i + 1:]
+            line, self._pos = buf[pos:i], i + 1
             if self._skipping:
                 self._skipping = False
                 self._too_long()
@@ -367,6 +408,7 @@ class SMTPServer(Protocol, TimeoutMixin):
                 # Answered at once: the caller's loop goes on with the
                 # next command (no recursion per pipelined command).
                 return
+            self.setTimeout(self.settings.idle_timeout)
             if self._shutting_down and self._message is None:
                 self._close(Reply(421, "4.3.2", "Service shutting down"))
                 return
@@ -375,6 +417,10 @@ class SMTPServer(Protocol, TimeoutMixin):
 
         d.addBoth(finish)
         waiting = True
+        if self._busy:
+            # The client waits for us now, not we for it: no idle timeout
+            # (the delivery API call has its own deadline).
+            self.setTimeout(None)
 
     # -- commands -------------------------------------------------------------
 
@@ -433,7 +479,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._flush()
         # RFC 3207 4.2: whatever the client sent after STARTTLS in plain
         # text is dropped, never run under TLS; the session starts over.
-        self._buffer = b""
+        self._unconsumed()
         self._tls = True
         self.session.helo = None
         self._esmtp = False
@@ -574,6 +620,7 @@ class SMTPServer(Protocol, TimeoutMixin):
 
     def do_RCPT(self, arg: str) -> None:
         self._need_tls()
+        self._need_helo()
         if self._mail_from is None:
             raise Reply(503, "5.5.1", "Error: need MAIL command")
         path = parse_path_command(arg, which="TO", esmtp=self._esmtp)
@@ -597,6 +644,7 @@ class SMTPServer(Protocol, TimeoutMixin):
 
     def do_DATA(self, arg: str) -> None:
         self._need_tls()
+        self._need_helo()
         if self._mail_from is None:
             raise Reply(503, "5.5.1", "Error: need MAIL command")
         if self._factory is None:
@@ -642,7 +690,7 @@ class SMTPServer(Protocol, TimeoutMixin):
     def _end_of_data(self, rest: bytes) -> None:
         message, self._message = self._message, None
         reader, self._reader = self._reader, None
-        self._buffer = rest + self._buffer
+        self._buffer, self._pos = rest + self._unconsumed(), 0
         assert message is not None and reader is not None
         if reader.error is not None:
             self._reply(reader.error)

@@ -525,3 +525,55 @@ class LogSafety(unittest.TestCase):
         self.assertEqual(await in_thread(talk), [refused, refused, "334 VXNlcm5hbWU6",
                                                  refused, refused])
         self.assertFalse([x for x in lines if "203.0.113.9" in x])
+
+
+class BackPressure(unittest.TestCase):
+    async def test_client_that_does_not_read_its_replies(self) -> None:
+        """Pipelined commands from a client that never reads: the relay
+        stops answering and reading when its write buffer is full, memory
+        stays bounded, and every command is answered once the client reads."""
+        import socket
+
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        relay = RelayUnderTest(self)
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        # Small socket buffers on both sides, so that the relay's own write
+        # buffer is what fills (loopback would otherwise absorb megabytes).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(10)
+        await in_thread(sock.connect, ("127.0.0.1", relay.ports["submission"]))
+        deadline = reactor.seconds() + 10
+        conns: list = []  # type: ignore[type-arg]
+        while not conns and reactor.seconds() < deadline:
+            conns = [c for f in relay.relay.factories for c in f.connections]
+            await deferLater(reactor, 0.01)
+        [conn] = conns
+        conn.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+        def flood() -> int:
+            sock.settimeout(1.0)
+            sent, chunk = 0, b"NOOP\r\n" * 10_000
+            try:
+                while sent < 100 * len(chunk):
+                    sent += sock.send(chunk)
+            except TimeoutError:
+                pass
+            return sent
+
+        sent = await in_thread(flood)
+        self.assertLess(sent, 100 * 60_000, "the relay never stopped reading")
+        self.assertTrue(conn._reading_paused)
+        self.assertTrue(conn._write_blocked)
+        self.assertLess(len(conn._buffer) - conn._pos, 200_000)
+
+        def drain() -> int:
+            sock.settimeout(10)
+            data = b""
+            while data.count(b"\r\n") < 1 + sent // 6:
+                data += sock.recv(1 << 20)
+            return data.count(b"250 2.0.0 Ok\r\n")
+
+        self.assertEqual(await in_thread(drain), sent // 6)
