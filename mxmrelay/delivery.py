@@ -44,21 +44,31 @@ def new_send_id(now: float | None = None, entropy: bytes | None = None) -> str:
     return "".join(_ALPHABET[(value >> shift) & 31] for shift in range(125, -5, -5))
 
 
-def idempotency_key(space: str, envelope: rules.Envelope, message_id: str | None,
-                    header_section: bytes, body_digest: bytes) -> str:
+def idempotency_key(space: str, envelope: rules.Envelope, header_section: bytes,
+                    body_digest: bytes) -> str:
     """The same for a client's retry of one message, different for any two
-    messages: the space, the envelope, the body's digest, and the
-    Message-ID where there is one (so a retry that regenerated the Date
-    header is still the same send), else the whole header section."""
-    h = hashlib.sha256(b"mxmrelay-idempotency-v1\0")
+    messages: the space, the envelope, the body's digest, and the header
+    section (the Message-ID with it) without its Date and Received fields,
+    which a client's retry may write anew."""
+    h = hashlib.sha256(b"mxmrelay-idempotency-v2\0")
     for part in (space, envelope.mail_from.lower(), *(r.lower() for r in envelope.recipients)):
         h.update(part.encode("utf-8", "surrogatepass") + b"\0")
-    if message_id:
-        h.update(b"mid\0" + message_id.encode("utf-8", "surrogatepass") + b"\0")
-    else:
-        h.update(b"head\0" + hashlib.sha256(header_section).digest())
+    h.update(hashlib.sha256(_stable_headers(header_section)).digest())
     h.update(body_digest)
     return h.hexdigest()
+
+
+def _stable_headers(section: bytes) -> bytes:
+    """The header section less its Date and Received fields (folded lines
+    included)."""
+    kept, skipping = [], False
+    for line in section.split(b"\r\n"):
+        if line[:1] not in (b" ", b"\t"):
+            name = line.split(b":", 1)[0].strip().lower()
+            skipping = name in (b"date", b"received")
+        if not skipping:
+            kept.append(line)
+    return b"\r\n".join(kept)
 
 
 @attrs.frozen
@@ -187,7 +197,6 @@ class RelayMessage:
                        "listener": session.listener},
             "message_id": outcome.message_id,
         }
-        key = idempotency_key(space.id, self.envelope, outcome.message_id, head,
-                              spool.body_digest())
+        key = idempotency_key(space.id, self.envelope, head, spool.body_digest())
         return await delivery.outbound.forwarder.forward(metadata, key, outcome.headers,
                                                          spool.body())

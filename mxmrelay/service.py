@@ -85,7 +85,7 @@ def make_service(config: Config, reactor: Any, directory: IDirectory | None = No
         return top
     relay = relay_service(config, reactor, top, directory)
     for listener in config.listeners:
-        factory = relay.factory(listener.role)
+        factory = relay.factory(listener.role, listener.endpoint.startswith("haproxy:"))
         strports.service(listener.endpoint, factory, reactor=reactor).setServiceParent(top)
     return top
 
@@ -128,10 +128,11 @@ class Relay:
         portal = Portal(Realm(outbound), [DirectoryChecker(directory, cache=cache)])
         return cls(config, reactor, settings_for(config, portal, tls, reactor), tls)
 
-    def factory(self, role: str) -> IProtocolFactory:
+    def factory(self, role: str, proxied: bool = False) -> IProtocolFactory:
         """The factory to listen with for ``role``: the SMTP factory, behind
-        the implicit-TLS front for ``smtps``."""
-        smtp = SMTPFactory(self.settings, role, self.reactor)
+        the implicit-TLS front for ``smtps``.  ``proxied``: the endpoint
+        reads a PROXY-protocol header first."""
+        smtp = SMTPFactory(self.settings, role, self.reactor, proxied)
         self.factories.append(smtp)
         if role != "smtps":
             return smtp

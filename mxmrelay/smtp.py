@@ -122,9 +122,13 @@ class SMTPServer(Protocol, TimeoutMixin):
     transport: Any  # set by makeConnection: TCP, TLS or a wrapper of either
 
     def __init__(self, settings: Settings, role: str, clock: IReactorTime,
-                 connections: set[SMTPServer]) -> None:
+                 connections: set[SMTPServer], proxied: bool = False) -> None:
         self.settings = settings
         self.role = role
+        #: Behind a PROXY-protocol endpoint: the client's address is known
+        #: only once the proxy's header has been read.
+        self._proxied = proxied
+        self._counted = False
         self._clock = clock
         self._connections = connections
         self._tls = role == "smtps"
@@ -177,13 +181,15 @@ class SMTPServer(Protocol, TimeoutMixin):
         self.setTimeout(self.settings.idle_timeout)
         log.info("connect client={client} listener={listener}",
                  client=self.session.client, listener=self.role)
-        self._count_client()
-        if self._closed:
-            return
+        if not self._proxied:
+            self._count_client()
+            if self._closed:
+                return
         self._write(f"220 {self.settings.hostname} ESMTP ready\r\n".encode())
         self._flush()
 
     def _count_client(self) -> None:
+        self._counted = True
         open_now = self.settings.open_per_address
         open_now[self.session.client] += 1
         if open_now[self.session.client] > self.settings.max_connections_per_address:
@@ -191,6 +197,9 @@ class SMTPServer(Protocol, TimeoutMixin):
             self._close(Reply(421, "4.7.0", "Too many connections from your address"))
 
     def _uncount_client(self) -> None:
+        if not self._counted:
+            return
+        self._counted = False
         open_now = self.settings.open_per_address
         open_now[self.session.client] -= 1
         if open_now[self.session.client] <= 0:
@@ -198,20 +207,24 @@ class SMTPServer(Protocol, TimeoutMixin):
 
     def _check_peer(self) -> bool:
         """Behind a PROXY-protocol endpoint the real client is known only
-        once the proxy's header has been read (just before our first
-        bytes): take it from there.  False if that client is refused."""
+        once the proxy's header has been read, which is when the client's
+        first bytes reach us: take it (and count it) then.  False if that
+        client is refused."""
+        if not self._proxied:
+            return True
         peer = self.transport.getPeer()
         client = str(getattr(peer, "host", peer))
         if client != self.session.client:
             log.info("proxied client={client} via={proxy}", client=client,
                      proxy=self.session.client)
-            self._uncount_client()
             self.session.client = client
-            self._count_client()
+        self._count_client()
         return not self._closed
 
     def handshakeCompleted(self) -> None:
-        """Called by Twisted's TLS layer (``IHandshakeListener``)."""
+        """Called by Twisted's TLS layer (``IHandshakeListener``); a wrapper
+        between it and us (the PROXY protocol's) does not pass it on, so
+        the first EHLO under TLS asks too (see ``_hello``)."""
         version, cipher = describe(self.transport)
         self.session.tls_version, self.session.tls_cipher = version, cipher
         log.info("tls client={client} version={version} cipher={cipher}",
@@ -450,6 +463,8 @@ class SMTPServer(Protocol, TimeoutMixin):
             raise Reply(501, "5.5.4", f"Syntax: {'EHLO' if esmtp else 'HELO'} hostname")
         if len(name) > 255 or not all("!" <= c <= "~" for c in name):
             raise Reply(501, "5.5.4", "Invalid hostname")
+        if self._tls and self.session.tls_version is None:
+            self.handshakeCompleted()
         self.session.helo = name
         self._esmtp = esmtp
         self._reset()
@@ -841,14 +856,16 @@ _COMMANDS: dict[str, Callable[[SMTPServer, str], None]] = {
 class SMTPFactory(Factory):
     """Builds the protocol for one listener role."""
 
-    def __init__(self, settings: Settings, role: str, clock: IReactorTime) -> None:
+    def __init__(self, settings: Settings, role: str, clock: IReactorTime,
+                 proxied: bool = False) -> None:
         self.settings = settings
         self.role = role
         self.clock = clock
+        self.proxied = proxied
         self.connections: set[SMTPServer] = set()
 
     def buildProtocol(self, addr: Any) -> SMTPServer:
-        return SMTPServer(self.settings, self.role, self.clock, self.connections)
+        return SMTPServer(self.settings, self.role, self.clock, self.connections, self.proxied)
 
     def shutdown(self) -> None:
         for connection in list(self.connections):

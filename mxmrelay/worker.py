@@ -15,13 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import MultiService
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import FileLogObserver, formatEventAsClassicLogText, globalLogBeginner
 from twisted.protocols.basic import LineOnlyReceiver
-
-# The PROXY-protocol wrapper has no public name outside its endpoint
-# parser, and adopted sockets cannot go through an endpoint string.
-from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
+from twisted.protocols.haproxy import proxyEndpoint
 from twisted.python.failure import Failure
 
 from mxmrelay.config import Config
@@ -91,10 +89,10 @@ def main(argv: list[str] | None = None) -> None:
         probe = socket.socket(fileno=fd)
         family = probe.family
         probe.detach()  # only looked at: the fd stays open for the port
-        factory: Any = relay.factory(role)
+        endpoint: Any = AdoptedStreamServerEndpoint(reactor, fd, family)
         if haproxy == "1":
-            factory = HAProxyWrappingFactory(factory)
-        reactor.adoptStreamPort(fd, family, factory)
+            endpoint = proxyEndpoint(endpoint)
+        endpoint.listen(relay.factory(role, haproxy == "1"))
     top.startService()
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     reactor.run()

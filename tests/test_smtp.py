@@ -471,7 +471,7 @@ class Connections(unittest.TestCase):
 
         relay = RelayUnderTest(self)
         endpoint = serverFromString(reactor, "haproxy:tcp:0:interface=127.0.0.1")
-        port = await endpoint.listen(relay.relay.factory("submission"))
+        port = await endpoint.listen(relay.relay.factory("submission", proxied=True))
         self.addCleanup(port.stopListening)
 
         def talk() -> str:
@@ -495,6 +495,37 @@ class Connections(unittest.TestCase):
         assert relay.api is not None
         stored = await fetch_json(f"{relay.api.url}/{answer.split()[-1]}")
         self.assertEqual(stored["client"]["address"], "192.0.2.7")
+        self.assertIn(stored["client"]["tls_version"], ("TLSv1.2", "TLSv1.3"))
+
+    async def test_proxied_connections_count_per_real_client(self) -> None:
+        """Behind a load balancer the per-address limit applies to each real
+        client, not to the balancer (idle connections included)."""
+        import socket
+
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import serverFromString
+
+        relay = RelayUnderTest(self, max_connections_per_address=2)
+        endpoint = serverFromString(reactor, "haproxy:tcp:0:interface=127.0.0.1")
+        port = await endpoint.listen(relay.relay.factory("submission", proxied=True))
+        self.addCleanup(port.stopListening)
+
+        def talk() -> list[str]:
+            socks, answers = [], []
+            for i in range(4):  # three idle clients, then one that talks
+                s = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+                s.sendall(f"PROXY TCP4 192.0.2.{i} 127.0.0.1 40000 587\r\n".encode())
+                socks.append(s)
+            c = RawClient.__new__(RawClient)
+            c.context, c.sock, c._buf = relay.client_context(), socks[-1], b""
+            answers.append(c.reply())
+            answers.append(c.cmd("NOOP"))
+            for s in socks:
+                s.close()
+            return answers
+
+        self.assertEqual(await in_thread(talk), [
+            "220 relay.test ESMTP ready", "250 2.0.0 Ok"])
 
 
 class LogSafety(unittest.TestCase):

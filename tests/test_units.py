@@ -222,19 +222,24 @@ class SendIds(SynchronousTestCase):
 
     def test_idempotency_key(self) -> None:
         env = Envelope("a@example.com", ("b@example.org",))
-        k = idempotency_key("demo", env, "<m@x>", b"Subject: a\r\n", b"d" * 32)
-        self.assertEqual(k, idempotency_key("demo", env, "<m@x>", b"Subject: b\r\n", b"d" * 32))
+        head = b"Message-ID: <m@x>\r\nSubject: a\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\n"
+        k = idempotency_key("demo", env, head, b"d" * 32)
         self.assertRegex(k, r"^[0-9a-f]{64}$")
+        # A retry that wrote its Date (or a Received) anew is the same send.
+        for retry in (head.replace(b"00:00:00", b"00:05:00"),
+                      head.replace(b"Date: Mon, 1 Jan 2024", b"DATE:\r\n Tue, 2 Jan 2024"),
+                      b"Received: from x\r\n\tby y; now\r\n" + head):
+            self.assertEqual(idempotency_key("demo", env, retry, b"d" * 32), k, retry)
         others = {
-            idempotency_key("acme", env, "<m@x>", b"", b"d" * 32),
-            idempotency_key("demo", Envelope("a@example.com", ("c@example.org",)), "<m@x>", b"",
+            idempotency_key("acme", env, head, b"d" * 32),
+            idempotency_key("demo", Envelope("a@example.com", ("c@example.org",)), head,
                             b"d" * 32),
-            idempotency_key("demo", env, "<n@x>", b"", b"d" * 32),
-            idempotency_key("demo", env, "<m@x>", b"", b"e" * 32),
-            idempotency_key("demo", env, None, b"Subject: a\r\n", b"d" * 32),
-            idempotency_key("demo", env, None, b"Subject: b\r\n", b"d" * 32),
+            idempotency_key("demo", env, head.replace(b"<m@x>", b"<n@x>"), b"d" * 32),
+            idempotency_key("demo", env, head, b"e" * 32),
+            # the same Message-ID on a different message: a different send
+            idempotency_key("demo", env, head.replace(b"Subject: a", b"Subject: b"), b"d" * 32),
         }
-        self.assertEqual(len(others | {k}), 7)
+        self.assertEqual(len(others | {k}), 6)
 
 
 class Timers(TestCase):
