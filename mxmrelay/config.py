@@ -166,7 +166,7 @@ class Config:
             max_recipients=r.integer("max_recipients", 100, low=1, high=10_000),
             idle_timeout=r.number("idle_timeout", 300.0, low=1),
             max_connections_per_address=r.integer("max_connections_per_address", 100, low=1),
-            spool_memory=r.integer("spool_memory", 512 * 1024, low=0),
+            spool_memory=r.integer("spool_memory", 512 * 1024, low=1),
             workers=r.workers(),
         )
 
@@ -218,7 +218,7 @@ class _Reader:
     def workers(self) -> int:
         """``workers``: a count, or "auto" for one per core."""
         if self.data.get("workers") == "auto":
-            return max(1, len(os.sched_getaffinity(0)))
+            return max(1, min(256, len(os.sched_getaffinity(0))))
         return self.integer("workers", 1, low=1, high=256)
 
     def number(self, key: str, default: float, low: float = 0, high: float | None = None) -> float:

@@ -66,7 +66,7 @@ import functools
 import ipaddress
 import re
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from email.utils import format_datetime
 from typing import NamedTuple
 
@@ -75,6 +75,8 @@ import attrs
 from mxmrelay.directory import MAX_FLAGS, CustomerSpace
 
 MAX_TAGS = 100
+#: Mailboxes of an address field that the rules look at.
+MAX_MAILBOXES = 100
 MAX_TAG_LENGTH = 255
 
 #: Bits of X-Mxm-Flags that turn tracking on; a BCC copy never has them.
@@ -211,9 +213,10 @@ _LITERAL_RE = re.compile(rb"\[[^\]\\]*(?:\\.[^\]\\]*)*\]?", re.DOTALL)
 _PAREN_RE = re.compile(rb"[()\\]")
 
 
-def _tokenize(buf: bytes, pos: int, end: int) -> list[_Token]:
-    """Lex ``buf[pos:end]`` leniently: anything unterminated runs to the end."""
-    tokens: list[_Token] = []
+def _tokenize(buf: bytes, pos: int, end: int) -> Iterator[_Token]:
+    """Lex ``buf[pos:end]`` leniently: anything unterminated runs to the end.
+
+    A generator, so that a reader that has seen enough stops the work."""
     while pos < end:
         c = buf[pos]
         if c in b" \t\r\n":
@@ -228,9 +231,8 @@ def _tokenize(buf: bytes, pos: int, end: int) -> list[_Token]:
             kind, stop = _SPECIAL, pos + 1
         else:
             kind, stop = _ATOM, _match_end(_ATOM_RE, buf, pos, end)
-        tokens.append(_Token(kind, pos, stop))
+        yield _Token(kind, pos, stop)
         pos = stop
-    return tokens
 
 
 def _match_end(pattern: re.Pattern[bytes], buf: bytes, pos: int, end: int) -> int:
@@ -299,6 +301,13 @@ def _mailboxes(buf: bytes, start: int, end: int) -> _AddressList:
                     grouped = True
                 else:
                     _add_mailbox(buf, segment, boxes)
+                    if len(boxes) >= MAX_MAILBOXES:
+                        # Only the first mailboxes matter (the first, and
+                        # whether it is alone; a display name among the
+                        # first From ones): a megabyte of addresses is not
+                        # read to the end.
+                        segment = []
+                        break
                 segment = []
                 continue
         segment.append(t)

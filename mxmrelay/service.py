@@ -12,7 +12,7 @@ from typing import Any
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.task import deferLater
@@ -41,6 +41,20 @@ class _Cleanup(Service):
         super().stopService()
         result: Deferred[Any] | None = self._stop()
         return result
+
+
+class InOrder(MultiService):
+    """A MultiService that stops its children one after the other, last
+    first (MultiService stops them all at once): listeners, then goodbyes
+    and the sends in flight, then the forwarder and the reference API."""
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop_all())
+
+    async def _stop_all(self) -> None:
+        for service in reversed(list(self)):
+            await maybeDeferred(service.stopService)
 
 
 class _Goodbye(Service):
@@ -79,7 +93,7 @@ def reference_api(config: Config, reactor: Any, parent: MultiService) -> None:
 
 def make_service(config: Config, reactor: Any, directory: IDirectory | None = None) -> MultiService:
     """Build the relay (and the reference API, if configured)."""
-    top = MultiService()
+    top = InOrder()
     reference_api(config, reactor, top)
     if not config.listeners:
         return top
@@ -93,8 +107,8 @@ def make_service(config: Config, reactor: Any, directory: IDirectory | None = No
 def relay_service(config: Config, reactor: Any, parent: MultiService,
                   directory: IDirectory | None = None) -> Relay:
     """The relay's forwarder and factories, stopped cleanly with ``parent``
-    (the listeners it adds after this stop first: services stop in
-    reverse order)."""
+    (``parent`` should be an :class:`InOrder`, so that the listeners added
+    after this stop first and the forwarder closes last)."""
     assert config.delivery_api is not None
     api_cfg = config.delivery_api
     forwarder = Forwarder(reactor, api_cfg.url, api_cfg.token, api_cfg.timeout, api_cfg.ca_file)
@@ -137,7 +151,7 @@ class Relay:
         if role != "smtps":
             return smtp
         return ImplicitTLSFactory(TLSMemoryBIOFactory(self.tls, False, smtp), self.reactor,
-                                  PLAINTEXT_HINT_AFTER, self.config.idle_timeout)
+                                  PLAINTEXT_HINT_AFTER)
 
 
 def settings_for(config: Config, portal: Portal, tls: Any, clock: IReactorTime) -> Settings:

@@ -504,10 +504,10 @@ class SMTPServer(Protocol, TimeoutMixin):
     def do_AUTH(self, arg: str) -> None:
         self._need_tls()
         self._need_helo()
+        # (A MAIL transaction needs AUTH first, so "already authenticated"
+        # also answers AUTH inside a transaction.)
         if self._avatar is not None:
             raise Reply(503, "5.5.1", "Already authenticated")
-        if self._mail_from is not None:
-            raise Reply(503, "5.5.1", "MAIL transaction in progress")
         mechanism, _, initial = arg.strip().partition(" ")
         mechanism = mechanism.upper()
         if not mechanism:

@@ -71,10 +71,6 @@ class Spool:
         """SHA-256 of everything after the header section."""
         return self._digest.digest()
 
-    @property
-    def body_size(self) -> int:
-        return self.size
-
     def body(self) -> IO[bytes]:
         """The body, as a file positioned at its start."""
         self._file.seek(0)

@@ -103,11 +103,10 @@ class ImplicitTLSFront(Protocol, TimeoutMixin):
     transport: Any
 
     def __init__(self, tls_factory: TLSMemoryBIOFactory, clock: IReactorTime,
-                 hint_after: float, idle_timeout: float) -> None:
+                 hint_after: float) -> None:
         self._tls_factory = tls_factory
         self._clock = clock
         self._hint_after = hint_after
-        self._idle_timeout = idle_timeout
         self._inner: Protocol | None = None
 
     def connectionMade(self) -> None:
@@ -149,14 +148,13 @@ class ImplicitTLSFront(Protocol, TimeoutMixin):
 
 class ImplicitTLSFactory(Factory):
     def __init__(self, tls_factory: TLSMemoryBIOFactory, clock: IReactorTime,
-                 hint_after: float, idle_timeout: float) -> None:
+                 hint_after: float) -> None:
         self.tls_factory = tls_factory
         self.clock = clock
         self.hint_after = hint_after
-        self.idle_timeout = idle_timeout
 
     def buildProtocol(self, addr: Any) -> ImplicitTLSFront:
-        return ImplicitTLSFront(self.tls_factory, self.clock, self.hint_after, self.idle_timeout)
+        return ImplicitTLSFront(self.tls_factory, self.clock, self.hint_after)
 
     def doStart(self) -> None:
         self.tls_factory.doStart()

@@ -2,7 +2,7 @@
 
 ``python -m mxmrelay.worker CONFIG --index I --listen ROLE:FD:HAPROXY ...
 --control FD``: serve SMTP on inherited listening sockets until SIGTERM or
-until the supervisor goes away (its end of our stdin closes).
+until the supervisor goes away (its end of the control socket closes).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from twisted.application.service import MultiService
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import FileLogObserver, formatEventAsClassicLogText, globalLogBeginner
@@ -63,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
 
     reactor: Any = _reactor
 
-    from mxmrelay.service import relay_service
+    from mxmrelay.service import InOrder, relay_service
 
     index = args.index
 
@@ -74,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     globalLogBeginner.beginLoggingTo([FileLogObserver(sys.stdout, fmt)],
                                      redirectStandardIO=False)
     config = Config.from_file(Path(args.config))
-    top = MultiService()
+    top = InOrder()
     relay = relay_service(config, reactor, top)
     settings = relay.settings
     control = _Control({"address": settings.address_limiter, "user": settings.user_limiter},

@@ -245,9 +245,9 @@ class Supervisor(Service):
 
 
 def make_supervised_service(config: Config, config_path: Path, reactor: Any) -> MultiService:
-    from mxmrelay.service import reference_api
+    from mxmrelay.service import InOrder, reference_api
 
-    top = MultiService()
+    top = InOrder()
     reference_api(config, reactor, top)
     if config.listeners:
         Supervisor(config_path.resolve(), config, reactor).setServiceParent(top)

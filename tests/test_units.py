@@ -267,7 +267,7 @@ class Timers(TestCase):
     def test_silence_on_implicit_tls_port(self) -> None:
         smtp = SMTPFactory(self.relay.relay.settings, "smtps", self.clock)
         front = ImplicitTLSFactory(TLSMemoryBIOFactory(self.relay.relay.tls, False, smtp),
-                                   self.clock, 5.0, 300)
+                                   self.clock, 5.0)
         t = self.connect(front)
         self.assertEqual(t.value(), b"")
         self.clock.advance(5)
@@ -321,3 +321,19 @@ class WorkersSetting(SynchronousTestCase):
         self.assertEqual(Config.from_dict({**base, "workers": 3}, folder, "x").workers, 3)
         for bad in (0, "many", 1.5):
             self.assertRaises(ConfigError, Config.from_dict, {**base, "workers": bad}, folder, "x")
+
+
+class HugeAddressFields(SynchronousTestCase):
+    def test_only_the_first_mailboxes_are_read(self) -> None:
+        from mxmrelay import rules
+
+        field = b"To: x@example.org," + b"a," * 500_000 + b"\r\n"
+        boxes = rules._mailboxes(field, 4, len(field) - 2)
+        self.assertEqual(len(boxes[0]), rules.MAX_MAILBOXES)
+        space = TomlDirectory.from_dict({"customer": [
+            {"id": "c", "domains": ["example.com"]}]}, "d").spaces["c"]
+        sent = rules.apply_rules(Envelope("a@example.com", ("x@example.org",)),
+                                 b"From: a@example.com\r\n" + field, space, send_id="i",
+                                 bounce_template="b+{id}@x", received=b"Received: x\r\n")
+        assert isinstance(sent, rules.Send)
+        self.assertEqual(sent.to, "x@example.org")
