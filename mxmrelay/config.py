@@ -26,6 +26,17 @@ class ConfigError(Exception):
     """The configuration is invalid; the message says where and why."""
 
 
+def read_toml(path: Path, error: type[Exception]) -> dict[str, Any]:
+    """A TOML file's contents, or ``error`` naming the file and the reason."""
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise error(f"{path}: cannot read: {e.strerror}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise error(f"{path}: not valid TOML: {e}") from e
+
+
 @attrs.frozen
 class Listener:
     role: str
@@ -92,14 +103,7 @@ class Config:
 
     @classmethod
     def from_file(cls, path: Path) -> Config:
-        try:
-            with path.open("rb") as f:
-                data = tomllib.load(f)
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML: {e}") from e
-        return cls.from_dict(data, path.parent, str(path))
+        return cls.from_dict(read_toml(path, ConfigError), path.parent, str(path))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], base: Path, where: str) -> Config:

@@ -8,7 +8,6 @@ even though the TOML backend answers at once.
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,8 @@ from typing import Any
 import attrs
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import Interface, implementer
+
+from mxmrelay.config import read_toml
 
 #: The bits an ``X-Mxm-Flags`` value may carry (1|2|4|8).
 MAX_FLAGS = 15
@@ -102,14 +103,7 @@ class TomlDirectory:
 
     @classmethod
     def from_file(cls, path: Path) -> TomlDirectory:
-        try:
-            with path.open("rb") as f:
-                data = tomllib.load(f)
-        except OSError as e:
-            raise InvalidDirectory(f"{path}: cannot read: {e.strerror}") from e
-        except tomllib.TOMLDecodeError as e:
-            raise InvalidDirectory(f"{path}: not valid TOML: {e}") from e
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_toml(path, InvalidDirectory), str(path))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str) -> TomlDirectory:
