@@ -21,6 +21,7 @@ bare line endings and long lines are counts and strided searches, so a
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -91,9 +92,34 @@ class Session:
     client: str
     listener: str
     helo: str | None = None
+    #: What per-address limits count: the address, or for IPv6 its /64
+    #: (one customer line gets a whole /64; counting single addresses
+    #: there would limit nothing).
+    network: str = attrs.field(init=False)
     tls_version: str | None = None
     tls_cipher: str | None = None
     user: str | None = None
+
+
+    def __attrs_post_init__(self) -> None:
+        self.network = network_of(self.client)
+
+    def move(self, client: str) -> None:
+        """The real client, as a PROXY-protocol header told it."""
+        self.client = client
+        self.network = network_of(client)
+
+
+def network_of(address: str) -> str:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return address
 
 
 @attrs.frozen
@@ -191,8 +217,8 @@ class SMTPServer(Protocol, TimeoutMixin):
     def _count_client(self) -> None:
         self._counted = True
         open_now = self.settings.open_per_address
-        open_now[self.session.client] += 1
-        if open_now[self.session.client] > self.settings.max_connections_per_address:
+        open_now[self.session.network] += 1
+        if open_now[self.session.network] > self.settings.max_connections_per_address:
             log.warn("too many connections client={client}", client=self.session.client)
             self._close(Reply(421, "4.7.0", "Too many connections from your address"))
 
@@ -201,9 +227,9 @@ class SMTPServer(Protocol, TimeoutMixin):
             return
         self._counted = False
         open_now = self.settings.open_per_address
-        open_now[self.session.client] -= 1
-        if open_now[self.session.client] <= 0:
-            del open_now[self.session.client]
+        open_now[self.session.network] -= 1
+        if open_now[self.session.network] <= 0:
+            del open_now[self.session.network]
 
     def _check_peer(self) -> bool:
         """Behind a PROXY-protocol endpoint the real client is known only
@@ -217,7 +243,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         if client != self.session.client:
             log.info("proxied client={client} via={proxy}", client=client,
                      proxy=self.session.client)
-            self.session.client = client
+            self.session.move(client)
         self._count_client()
         return not self._closed
 
@@ -514,7 +540,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             raise Reply(501, "5.5.4", "Syntax: AUTH mechanism")
         if mechanism not in ("PLAIN", "LOGIN"):
             raise Reply(504, "5.5.4", "Unrecognized authentication type")
-        if self.settings.address_limiter.blocked(self.session.client):
+        if self.settings.address_limiter.blocked(self.session.network):
             log.warn("auth rate limited rhost={client}", client=self.session.client)
             raise Reply(454, "4.7.0", "Temporary authentication failure")
         initial = initial.strip()
@@ -573,7 +599,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         def failed(f: Failure) -> None:
             if f.check(UnauthorizedLogin):
                 self._auth_failures += 1
-                self.settings.address_limiter.record(client)
+                self.settings.address_limiter.record(self.session.network)
                 self.settings.user_limiter.record(username.lower())
                 # fail2ban: failregex = auth failure rhost=<HOST>
                 log.warn("auth failure rhost={client} user={user}", client=client,

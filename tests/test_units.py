@@ -337,3 +337,19 @@ class HugeAddressFields(SynchronousTestCase):
                                  bounce_template="b+{id}@x", received=b"Received: x\r\n")
         assert isinstance(sent, rules.Send)
         self.assertEqual(sent.to, "x@example.org")
+
+
+class Networks(SynchronousTestCase):
+    def test_what_per_address_limits_count(self) -> None:
+        from mxmrelay.smtp import Session, network_of
+
+        self.assertEqual(network_of("192.0.2.7"), "192.0.2.7")
+        self.assertEqual(network_of("::ffff:192.0.2.7"), "192.0.2.7")
+        self.assertEqual(network_of("2001:db8:1:2:3:4:5:6"), "2001:db8:1:2::/64")
+        self.assertEqual(network_of("2001:db8:1:2::99"), network_of("2001:db8:1:2:ffff::1"))
+        self.assertNotEqual(network_of("2001:db8:1:2::1"), network_of("2001:db8:1:3::1"))
+        self.assertEqual(network_of("not-an-ip"), "not-an-ip")
+        s = Session(client="2001:db8::1", listener="submission")
+        self.assertEqual(s.network, "2001:db8::/64")
+        s.move("198.51.100.1")
+        self.assertEqual((s.client, s.network), ("198.51.100.1", "198.51.100.1"))
