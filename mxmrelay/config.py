@@ -115,14 +115,24 @@ class Config:
             if role not in ROLES:
                 raise lr.error("role", f"must be one of {', '.join(ROLES)}")
             listeners.append(Listener(role=role, endpoint=lr.string("endpoint")))
-        tls = r.sub(r.table("tls"), "tls")
-        bounce = r.string("bounce_address")
-        if "{id}" not in bounce or "@" not in bounce:
-            raise r.error("bounce_address", "must be an address containing {id}")
-        try:
-            bounce.format(id="x")
-        except (KeyError, ValueError, IndexError) as e:
-            raise r.error("bounce_address", f"bad template: {e}") from e
+        # What only the relay needs; a configuration that runs the
+        # reference API alone (no listeners) may leave it out.
+        relay = bool(listeners) or any(k in data for k in ("hostname", "directory", "tls"))
+        hostname, directory = ("localhost", base) if not relay else (
+            r.string("hostname"), r.path("directory"))
+        tls = TLSConfig(base, base)
+        if relay:
+            t = r.sub(r.table("tls"), "tls")
+            tls = TLSConfig(certificate=t.path("certificate"), private_key=t.path("private_key"))
+        bounce = "{id}@unused.invalid"
+        if relay or "bounce_address" in data:
+            bounce = r.string("bounce_address")
+            if "{id}" not in bounce or "@" not in bounce:
+                raise r.error("bounce_address", "must be an address containing {id}")
+            try:
+                bounce.format(id="x")
+            except (KeyError, ValueError, IndexError) as e:
+                raise r.error("bounce_address", f"bad template: {e}") from e
         delivery = None
         if "delivery_api" in data:
             d = r.sub(r.table("delivery_api"), "delivery_api")
@@ -158,10 +168,10 @@ class Config:
                 cache_ttl=a.number("cache_ttl", 300.0, low=0),
             )
         return cls(
-            hostname=r.string("hostname"),
-            directory=r.path("directory"),
+            hostname=hostname,
+            directory=directory,
             listeners=tuple(listeners),
-            tls=TLSConfig(certificate=tls.path("certificate"), private_key=tls.path("private_key")),
+            tls=tls,
             bounce_template=bounce,
             delivery_api=delivery,
             reference_api=reference,

@@ -353,3 +353,17 @@ class Networks(SynchronousTestCase):
         self.assertEqual(s.network, "2001:db8::/64")
         s.move("198.51.100.1")
         self.assertEqual((s.client, s.network), ("198.51.100.1", "198.51.100.1"))
+
+
+class ReferenceAPIAlone(SynchronousTestCase):
+    def test_needs_no_relay_keys(self) -> None:
+        folder = Path(self.mktemp()).resolve()
+        folder.mkdir(parents=True)
+        c = Config.from_dict({"reference_api": {"endpoint": "tcp:0", "database": "api.sqlite3",
+                                                "token": "t"}}, folder, "api.toml")
+        self.assertEqual(c.listeners, ())
+        assert c.reference_api is not None
+        self.assertEqual(c.reference_api.database, folder / "api.sqlite3")
+        with self.assertRaises(ConfigError) as e:
+            Config.from_dict({"listener": [{"role": "smtp", "endpoint": "tcp:0"}]}, folder, "x")
+        self.assertIn("x: hostname: ", str(e.exception))
