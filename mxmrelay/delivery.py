@@ -18,7 +18,7 @@ from typing import Any
 
 import attrs
 from twisted.cred.portal import IRealm
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.mail.smtp import IMessageDelivery
 from zope.interface import implementer
 
@@ -162,7 +162,12 @@ class RelayMessage:
         self.spool.close()
 
     def eomReceived(self) -> Deferred[str]:
-        d = Deferred.fromCoroutine(self._send())
+        """Rule the message, then forward it; fires with the API's id."""
+        try:
+            d = self._send()
+        except Reply:
+            self.spool.close()
+            return fail()
         d.addBoth(self._closed)
         return d
 
@@ -170,7 +175,7 @@ class RelayMessage:
         self.spool.close()
         return result
 
-    async def _send(self) -> str:
+    def _send(self) -> Deferred[str]:
         delivery, session, spool = self.delivery, self.delivery.session, self.spool
         space = delivery.user.customer
         send_id = new_send_id()
@@ -198,5 +203,4 @@ class RelayMessage:
             "message_id": outcome.message_id,
         }
         key = idempotency_key(space.id, self.envelope, head, spool.body_digest())
-        return await delivery.outbound.forwarder.forward(metadata, key, outcome.headers,
-                                                         spool.body())
+        return delivery.outbound.forwarder.forward(metadata, key, outcome.headers, spool.body())

@@ -159,7 +159,6 @@ class Forwarder:
         return self._outcome(response.code, content, metadata)
 
     def _outcome(self, code: int, content: bytes, metadata: Mapping[str, Any]) -> str:
-        reason = _reason(content)
         if 200 <= code < 300:
             try:
                 send_id = json.loads(content)["id"]
@@ -170,6 +169,7 @@ class Forwarder:
                 log.error("delivery API answered {code} without a usable id", code=code)
                 raise Reply(451, "4.3.0", TEMPORARY)
             return str(send_id)
+        reason = _reason(content)
         log.warn("delivery API refused id={id}: {code} {reason}", id=metadata.get("id"),
                  code=code, reason=reason)
         if code in (401, 403):
