@@ -857,8 +857,8 @@ def _authorised(request: _Request, token: bytes) -> bool:
     return hmac.compare_digest(credentials.strip(), token)
 
 
-class _Send(_Resource):
-    """``/v1/sends/{id}`` and its ``message`` child."""
+class _OneSend(_Resource):
+    """A read-only view of one send: the JSON, the raw message, the page."""
 
     def __init__(self, config: _Config, send_id: str) -> None:
         super().__init__()
@@ -867,6 +867,13 @@ class _Send(_Resource):
 
     def handlers(self) -> Mapping[bytes, Callable[[_Request], bytes | int]]:
         return {b"GET": self.get}
+
+    def get(self, request: _Request) -> bytes | int:
+        raise NotImplementedError
+
+
+class _Send(_OneSend):
+    """``/v1/sends/{id}`` and its ``message`` child."""
 
     def getChild(self, path: bytes, request: _Request) -> Resource:
         if path == b"message":
@@ -884,16 +891,8 @@ class _Send(_Resource):
         return _later(request, self.config.db.run(_select_send, self.send_id).addCallback(found))
 
 
-class _Message(_Resource):
+class _Message(_OneSend):
     isLeaf = True
-
-    def __init__(self, config: _Config, send_id: str) -> None:
-        super().__init__()
-        self.config = config
-        self.send_id = send_id
-
-    def handlers(self) -> Mapping[bytes, Callable[[_Request], bytes | int]]:
-        return {b"GET": self.get}
 
     def get(self, request: _Request) -> bytes | int:
         if request.postpath:
@@ -960,17 +959,9 @@ class _SendPages(_Resource):
         return _NotFound(html=True).render(request)
 
 
-class _SendPage(_Resource):
+class _SendPage(_OneSend):
     html = True
     isLeaf = True
-
-    def __init__(self, config: _Config, send_id: str) -> None:
-        super().__init__()
-        self.config = config
-        self.send_id = send_id
-
-    def handlers(self) -> Mapping[bytes, Callable[[_Request], bytes | int]]:
-        return {b"GET": self.get}
 
     def get(self, request: _Request) -> bytes | int:
         def found(result: tuple[StoredSend, bytes] | None) -> _Response:
