@@ -812,3 +812,36 @@ class HTTPS(unittest.TestCase):
         self.addCleanup(plain.stopListening)
         listed = await fetch_json(f"http://127.0.0.1:{plain.getHost().port}/v1/sends")
         self.assertEqual(len(listed["sends"]), 1)
+
+
+# --------------------------------------------------------------------------
+# 8. Shutdown while a send is in flight
+
+
+class Shutdown(unittest.TestCase):
+    async def test_send_in_flight_gets_its_answer_first(self) -> None:
+        injector, front, _ = injected(self)
+        injector.mode = "hang"
+        relay = relay_to(self, front.url)
+
+        def talk() -> list[str]:
+            c = relay.raw().ready()
+            c.send(b"MAIL FROM:<app@example.com>\r\nRCPT TO:<someone@example.org>\r\nDATA\r\n")
+            answers = [c.reply() for _ in range(3)]
+            c.send(stuffed(message("in flight at shutdown")) + b".\r\n")
+            answers += [c.reply(), c.reply()]
+            answers.append("closed" if c.closed() else "open")
+            return answers
+
+        talking = in_thread(talk)
+        await until(lambda: bool(injector.held), "the POST to arrive")
+        for factory in relay.relay.factories:
+            factory.shutdown()  # what the service does as it stops
+        [request] = injector.held
+        request.setResponseCode(201)
+        request.setHeader(b"Content-Type", b"application/json")
+        request.write(b'{"id": "held-send-1"}')
+        request.finish()
+        answers = await talking
+        self.assertEqual(answers[3:], ["250 2.0.0 Ok: queued as held-send-1",
+                                       "421 4.3.2 Service shutting down", "closed"])
