@@ -12,10 +12,9 @@ from typing import Any
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 from twisted.internet.ssl import CertificateOptions
-from twisted.internet.task import deferLater
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mxmrelay.auth import CredentialCache, DirectoryChecker, FailureLimiter
@@ -70,12 +69,18 @@ class _Goodbye(Service):
         super().stopService()
         for factory in self._factories:
             factory.shutdown()
-        return Deferred.fromCoroutine(self._idle())
+        done: Deferred[None] = Deferred()
 
-    async def _idle(self) -> None:
-        deadline = self._clock.seconds() + self._grace
-        while any(f.connections for f in self._factories) and self._clock.seconds() < deadline:
-            await deferLater(self._clock, 0.05)
+        def finish() -> None:
+            if not done.called:
+                done.callback(None)
+
+        # Past the grace, stop anyway (whatever is left is cut off).
+        timer = self._clock.callLater(self._grace, finish)
+        drained = gatherResults([f.drained() for f in self._factories])
+        drained.addCallback(lambda _: timer.cancel() if timer.active() else None)
+        drained.addCallback(lambda _: finish())
+        return done
 
 
 def reference_api(config: Config, reactor: Any, parent: MultiService) -> None:

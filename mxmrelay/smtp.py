@@ -32,7 +32,7 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet import ssl
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -148,7 +148,7 @@ class SMTPServer(Protocol, TimeoutMixin):
     transport: Any  # set by makeConnection: TCP, TLS or a wrapper of either
 
     def __init__(self, settings: Settings, role: str, clock: IReactorTime,
-                 connections: set[SMTPServer], proxied: bool = False) -> None:
+                 factory: SMTPFactory, proxied: bool = False) -> None:
         self.settings = settings
         self.role = role
         #: Behind a PROXY-protocol endpoint: the client's address is known
@@ -156,7 +156,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._proxied = proxied
         self._counted = False
         self._clock = clock
-        self._connections = connections
+        self.factory = factory
         self._tls = role == "smtps"
         #: Pipelined input not yet answered: ``_buffer[_pos:]``.  An offset,
         #: so that a batch of N commands is not N copies of the rest.
@@ -203,7 +203,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self.transport.registerProducer(self, True)
         peer = self.transport.getPeer()
         self.session = Session(client=str(getattr(peer, "host", peer)), listener=self.role)
-        self._connections.add(self)
+        self.factory.connections.add(self)
         self.setTimeout(self.settings.idle_timeout)
         log.info("connect client={client} listener={listener}",
                  client=self.session.client, listener=self.role)
@@ -259,7 +259,7 @@ class SMTPServer(Protocol, TimeoutMixin):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closed = True
         self.setTimeout(None)
-        self._connections.discard(self)
+        self.factory.gone(self)
         self._uncount_client()
         if self._message is not None:
             self._message.connectionLost()
@@ -889,9 +889,25 @@ class SMTPFactory(Factory):
         self.clock = clock
         self.proxied = proxied
         self.connections: set[SMTPServer] = set()
+        self._drained: list[Deferred[None]] = []
 
     def buildProtocol(self, addr: Any) -> SMTPServer:
-        return SMTPServer(self.settings, self.role, self.clock, self.connections, self.proxied)
+        return SMTPServer(self.settings, self.role, self.clock, self, self.proxied)
+
+    def gone(self, connection: SMTPServer) -> None:
+        self.connections.discard(connection)
+        if not self.connections:
+            waiting, self._drained = self._drained, []
+            for d in waiting:
+                d.callback(None)
+
+    def drained(self) -> Deferred[None]:
+        """Fires when no connection is left (at once if there is none)."""
+        if not self.connections:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._drained.append(d)
+        return d
 
     def shutdown(self) -> None:
         for connection in list(self.connections):

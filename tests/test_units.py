@@ -367,3 +367,31 @@ class ReferenceAPIAlone(SynchronousTestCase):
         with self.assertRaises(ConfigError) as e:
             Config.from_dict({"listener": [{"role": "smtp", "endpoint": "tcp:0"}]}, folder, "x")
         self.assertIn("x: hostname: ", str(e.exception))
+
+
+class Draining(TestCase):
+    def test_goodbye_waits_for_connections_then_the_grace(self) -> None:
+        from mxmrelay.service import _Goodbye
+
+        relay = RelayUnderTest(self)
+        clock = Clock()
+        factory = SMTPFactory(relay.relay.settings, "submission", clock)
+        proto = factory.buildProtocol(None)
+        proto.makeConnection(StringTransport())
+        proto._busy = True  # as if a send were in flight
+        goodbye = _Goodbye([factory], clock, grace=30)
+        goodbye.startService()
+        stopped = goodbye.stopService()
+        self.assertNoResult(stopped)
+        proto.connectionLost()
+        self.successResultOf(stopped)
+        # and a connection that never ends is cut off after the grace
+        proto = factory.buildProtocol(None)
+        proto.makeConnection(StringTransport())
+        proto._busy = True
+        goodbye.startService()
+        stopped = goodbye.stopService()
+        clock.advance(29)
+        self.assertNoResult(stopped)
+        clock.advance(2)
+        self.successResultOf(stopped)
