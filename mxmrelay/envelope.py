@@ -8,6 +8,7 @@ controls, so they are safe to put in a header later.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import attrs
 
@@ -39,7 +40,7 @@ class Path:
 
 def parse_path_command(arg: str, *, which: str, esmtp: bool) -> Path:
     """Parse ``FROM:<addr> params`` (``which`` is "FROM") or ``TO:...``."""
-    bad = _bad_sender if which == "FROM" else _bad_recipient
+    bad = bad_sender if which == "FROM" else bad_recipient
     m = _COMMAND.fullmatch(arg.strip())
     if m is None or m.group(1).upper() != which:
         command = "MAIL FROM" if which == "FROM" else "RCPT TO"
@@ -67,31 +68,43 @@ def parse_params(text: str) -> dict[str, str | None]:
     return params
 
 
-def check_address(address: str, bad: Reply) -> str:
-    """Return ``address`` if it is a valid RFC 5321/6531 mailbox."""
+def check_address(address: str, bad: Callable[[], Reply]) -> str:
+    """Return ``address`` if it is a valid RFC 5321/6531 mailbox; else
+    raise what ``bad()`` makes."""
     if any(c < " " or c == "\x7f" for c in address):
-        raise bad
+        raise bad()
     if len(address.encode("utf-8", "surrogatepass")) > MAX_PATH - 2:
-        raise bad
+        raise bad()
     local, at, domain = address.rpartition("@")
     if not at or not local or not domain:
-        raise bad
+        raise bad()
     utf8 = not address.isascii()
     if len(local.encode("utf-8", "surrogatepass")) > MAX_LOCAL:
-        raise bad
+        raise bad()
     if len(domain.encode("utf-8", "surrogatepass")) > MAX_DOMAIN:
-        raise bad
+        raise bad()
     dot_atom, quoted = (_DOT_ATOM_UTF8, _QUOTED_UTF8) if utf8 else (_DOT_ATOM, _QUOTED)
     if not (dot_atom.fullmatch(local) or quoted.fullmatch(local)):
-        raise bad
+        raise bad()
     if not _LITERAL.fullmatch(domain):
         label = _LABEL_UTF8 if utf8 else _LABEL
         labels = domain[:-1].split(".") if domain.endswith(".") else domain.split(".")
         if not all(label.fullmatch(x) for x in labels):
-            raise bad
+            raise bad()
     return address
 
 
-_bad_sender = Reply(501, "5.1.7", "Bad sender address syntax")
-_bad_recipient = Reply(501, "5.1.3", "Bad recipient address syntax")
-NEED_SMTPUTF8 = Reply(553, "5.6.7", "Must declare SMTPUTF8 to send unicode address")
+# Factories, not constants: an exception instance raised a second time
+# chains the new frames onto its ``__traceback__``, so a module-level one
+# would keep every connection that ever got that reply alive for good.
+
+def bad_sender() -> Reply:
+    return Reply(501, "5.1.7", "Bad sender address syntax")
+
+
+def bad_recipient() -> Reply:
+    return Reply(501, "5.1.3", "Bad recipient address syntax")
+
+
+def need_smtputf8() -> Reply:
+    return Reply(553, "5.6.7", "Must declare SMTPUTF8 to send unicode address")

@@ -44,7 +44,7 @@ from zope.interface import implementer
 from mxmrelay import auth
 from mxmrelay.auth import FailureLimiter, SASLError
 from mxmrelay.directory import DirectoryError
-from mxmrelay.envelope import NEED_SMTPUTF8, parse_path_command
+from mxmrelay.envelope import need_smtputf8, parse_path_command
 from mxmrelay.reply import Reply
 from mxmrelay.tls import TLS_HANDSHAKE, describe, no_delay
 
@@ -638,7 +638,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             elif key != "AUTH":  # RFC 4954 5: AUTH=<> may be sent; ignored
                 raise Reply(555, "5.5.4", f"Unsupported option: {key}")
         if not path.address.isascii() and not smtputf8:
-            raise NEED_SMTPUTF8
+            raise need_smtputf8()
         if not path.address:
             raise Reply(553, "5.7.1", f"<>: Sender address rejected: not owned by user "
                                       f"{self.session.user}")
@@ -670,7 +670,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         for key in path.params:
             raise Reply(555, "5.5.4", f"Unsupported option: {key}")
         if not path.address.isascii() and not self._smtputf8:
-            raise NEED_SMTPUTF8
+            raise need_smtputf8()
         if len(self._rcpts) >= self.settings.max_recipients:
             raise Reply(452, "4.5.3", "Too many recipients")
         d = maybeDeferred(self._avatar.validateTo, path.address)
