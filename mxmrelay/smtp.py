@@ -45,7 +45,7 @@ from mxmrelay import auth
 from mxmrelay.auth import FailureLimiter, SASLError
 from mxmrelay.directory import DirectoryError
 from mxmrelay.envelope import need_smtputf8, parse_path_command
-from mxmrelay.reply import Reply
+from mxmrelay.reply import Reply, quote
 from mxmrelay.tls import TLS_HANDSHAKE, describe, no_delay
 
 #: RFC 5321 4.5.3.1.4: 512 octets with CRLF; MAIL may carry SIZE (+26)
@@ -296,7 +296,9 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._out.append(reply.encode())
 
     def _ok(self, code: int, enhanced: str, text: str) -> None:
-        self._out.append(f"{code} {enhanced} {text}\r\n".encode())
+        # Through Reply, like every other answer: its text (a send id from
+        # the delivery API) then cannot break the line protocol either.
+        self._reply(Reply(code, enhanced, text))
 
     def _flush(self) -> None:
         """One write per batch of replies: pipelined answers share a packet
@@ -632,16 +634,16 @@ class SMTPServer(Protocol, TimeoutMixin):
                     raise Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
             elif key == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                    raise Reply(555, "5.5.4", f"Unsupported option: BODY={value or ''}")
+                    raise Reply(555, "5.5.4", f"Unsupported option: BODY={quote(value or '')}")
             elif key == "SMTPUTF8" and value is None:
                 smtputf8 = True
             elif key != "AUTH":  # RFC 4954 5: AUTH=<> may be sent; ignored
-                raise Reply(555, "5.5.4", f"Unsupported option: {key}")
+                raise Reply(555, "5.5.4", f"Unsupported option: {quote(key)}")
         if not path.address.isascii() and not smtputf8:
             raise need_smtputf8()
         if not path.address:
             raise Reply(553, "5.7.1", f"<>: Sender address rejected: not owned by user "
-                                      f"{self.session.user}")
+                                      f"{quote(self.session.user or '', 256)}")
         d = maybeDeferred(self._avatar.validateFrom, (self.session.helo, self.session.client),
                           path.address)
 
@@ -668,7 +670,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         if not path.address:
             raise Reply(501, "5.1.3", "Bad recipient address syntax")
         for key in path.params:
-            raise Reply(555, "5.5.4", f"Unsupported option: {key}")
+            raise Reply(555, "5.5.4", f"Unsupported option: {quote(key)}")
         if not path.address.isascii() and not self._smtputf8:
             raise need_smtputf8()
         if len(self._rcpts) >= self.settings.max_recipients:

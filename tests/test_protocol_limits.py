@@ -1,0 +1,108 @@
+"""RFC 5321 limits on both sides of the wire: what the relay says (reply
+lines of printable US-ASCII, at most 512 octets) and how it treats what it
+is sent (command lines that never end, arguments where none belong, known
+parameters with values they do not allow).  Real sockets, real TLS."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial import unittest
+
+from mxmrelay.reply import Reply
+from tests.support import RawClient, RelayUnderTest, in_thread
+
+#: RFC 5321 4.5.3.1.5: octets in a reply line, with its CRLF.
+REPLY_LINE_LIMIT = 512
+
+
+def _check_line(testcase: unittest.SynchronousTestCase, line: bytes, context: object) -> None:
+    """One reply line, without its CRLF, as RFC 5321 allows it."""
+    where = (str(context)[:80], line[:80])
+    testcase.assertLessEqual(len(line) + 2, REPLY_LINE_LIMIT, where)
+    testcase.assertTrue(all(0x20 <= b <= 0x7E for b in line), where)
+
+
+def _replies(c: RawClient, count: int) -> list[bytes]:
+    """The next ``count`` replies, as the raw lines of each."""
+    out = []
+    for _ in range(count):
+        while True:
+            line = c.line()
+            out.append(line)
+            if line[3:4] != b"-":
+                break
+    return out
+
+
+class ReplyInvariant(unittest.SynchronousTestCase):
+    @settings(max_examples=500, deadline=None)
+    @given(st.integers(), st.text(max_size=40), st.text(max_size=2000))
+    def test_any_reply_is_one_short_ascii_line(self, code: int, enhanced: str,
+                                               text: str) -> None:
+        data = Reply(code, enhanced, text).encode()
+        self.assertTrue(data.endswith(b"\r\n"))
+        self.assertLessEqual(len(data), REPLY_LINE_LIMIT)
+        _check_line(self, data[:-2], (code, enhanced, text))
+        self.assertEqual(data.count(b"\r\n"), 1)
+
+    @given(st.sampled_from([250, 451, 550]), st.sampled_from(["2.0.0", "4.3.0", "5.6.0"]),
+           st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=400))
+    def test_ordinary_replies_unchanged(self, code: int, enhanced: str, text: str) -> None:
+        self.assertEqual(Reply(code, enhanced, text).encode(),
+                         f"{code} {enhanced} {text}\r\n".encode())
+
+    def test_examples(self) -> None:
+        self.assertEqual(Reply(555, "5.5.4", "Unsupported option: BODY=\xe9").encode(),
+                         b"555 5.5.4 Unsupported option: BODY=\\xe9\r\n")
+        self.assertEqual(Reply(554, "5.6.0", "line\r\nbreak\0x").encode(),
+                         b"554 5.6.0 line break x\r\n")
+        long = Reply(554, "5.6.0", "x" * 1000).encode()
+        self.assertEqual(len(long), 512)
+        self.assertTrue(long.endswith(b"x...\r\n"))
+
+    def test_quote(self) -> None:
+        from mxmrelay.reply import quote
+
+        self.assertEqual(quote("FOO"), "FOO")
+        self.assertEqual(quote("j\xf6rg\u2028\U0001f600"), "j\\xf6rg\\u2028\\U0001f600")
+        self.assertEqual(quote("x" * 100), "x" * 61 + "...")
+        self.assertEqual(len(quote("\xe9" * 100)), 64)
+        self.assertEqual(quote("abcdef", 4), "a...")
+
+
+class RepliesOnTheWire(unittest.TestCase):
+    async def test_client_input_is_quoted_short_and_ascii(self) -> None:
+        relay = RelayUnderTest(self)
+        long_key = "X" + "Y" * 1000
+        cases: list[list[str | bytes]] = [
+            [f"MAIL FROM:<app@example.com> {long_key}"],
+            [f"MAIL FROM:<app@example.com> {long_key}=1"],
+            ["MAIL FROM:<app@example.com> BODY=\xe9"],
+            ["MAIL FROM:<app@example.com> BODY=" + "\xe9\u2028" * 150],
+            ["MAIL FROM:<app@example.com> FOO=\xe9 " + "Z" * 700],
+            ["MAIL FROM:<app@example.com>", "RCPT TO:<a@example.org> " + "Z" * 480],
+            ["MAIL FROM:<app@example.com>", "RCPT TO:<a@example.org> NOTIFY=\xe9"],
+            ["MAIL FROM:<j\xf6rg@example.com> SMTPUTF8", "RCPT TO:<\xe9@example.org> X=\xe9"],
+            ["MAIL FROM:<>"],
+            ["XYZZY " + "\xe9" * 200],
+            ["EHLO \xe9" * 3],
+            ["VRFY \xe9"],
+            ["NOOP \xe9\x01"],
+            [b"MAIL FROM:<a\xff@example.com>"],
+        ]
+
+        def talk(steps: list[str | bytes]) -> list[bytes]:
+            c = relay.raw().ready()
+            for s in steps:
+                c.send((s.encode() if isinstance(s, str) else s) + b"\r\n")
+            lines = _replies(c, len(steps))
+            c.close()
+            return lines
+
+        for steps in cases:
+            lines = await in_thread(talk, steps)
+            for line in lines:
+                _check_line(self, line, steps)
+        [line] = await in_thread(talk, cases[0])
+        self.assertEqual(line, b"555 5.5.4 Unsupported option: X" + b"Y" * 60 + b"...")
