@@ -6,19 +6,46 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 SOURCES := $(shell find mxmrelay twisted -name '*.py') setup.cfg pyproject.toml
 CERT   := var/tls/localhost.pem
-# Debian packages the tests drive as real clients.
+# Every runtime and test dependency, pinned with its hashes: the venv gets
+# the same packages every time, whatever PyPI released since.  setup.cfg
+# keeps ranges, for people who install the package into their own
+# environment.  `make lock` refreshes it.
+LOCK   := requirements.lock
+# `make lock` resolves against PyPI itself, never against a mirror or a
+# local wheel folder some pip configuration may add: the hashes must be
+# those every other machine gets.
+PYPI   := https://pypi.org/simple
+# The resolver, in a venv of its own under var/ (never in .venv, which
+# must hold exactly the lock).
+LOCK_TOOLS := var/lock-tools
+UV_VERSION := 0.13.9
+
+# Debian packages the tests drive as real clients, by the command each
+# provides ...
 TEST_TOOLS := swaks curl openssl chromium
-# Debian packages of the compatibility tests' clients (tests/test_compat.py):
-# installed when missing and when this Debian has them; a test whose client
-# is absent is skipped.
+# ... and the compatibility tests' clients (tests/test_compat.py, the
+# fail2ban filter test), installed when this Debian has them.  Every one of
+# them is optional: a test whose client is missing is skipped, with the
+# reason, and the relay's own tests need none of them.
 TEST_PACKAGES := msmtp php-cli libphp-phpmailer fail2ban
+# Seconds to wait for apt's lock when another apt or dpkg holds it.
+APT_LOCK_TIMEOUT ?= 120
 # Nodemailer, from npm, into var/node when node and npm are there.
 NODEMAILER := var/node/node_modules/nodemailer
 
-.PHONY: run test lint typecheck unit bench tools clean
+# `make run PORTS=SMTP,SUBMISSION,SMTPS,API` runs the development
+# configuration on other ports: the smtp (25 role), submission (587 role)
+# and smtps (465 role) listeners and the reference delivery API, in that
+# order (the defaults are 2525,2587,2465,8025).  The copy is written under
+# var/, one per set of ports, so two relays on one checkout do not clash.
+PORTS ?=
+comma := ,
+DEV_CONFIG := $(if $(PORTS),var/mxmrelay.dev.$(subst $(comma),-,$(PORTS)).toml,etc/mxmrelay.dev.toml)
 
-run: $(VENV)/.installed $(CERT)
-	$(BIN)/twistd -n --pidfile= mxmrelay --config etc/mxmrelay.dev.toml
+.PHONY: run test lint typecheck unit bench tools lock dev-config clean
+
+run: $(VENV)/.installed $(CERT) $(if $(PORTS),dev-config)
+	$(BIN)/twistd -n --pidfile= mxmrelay --config $(DEV_CONFIG)
 
 test: $(VENV)/.installed $(CERT) tools lint typecheck unit
 
@@ -34,45 +61,112 @@ typecheck: $(VENV)/.installed
 bench: $(VENV)/.installed $(CERT)
 	$(BIN)/python -m bench
 
+# The dependencies from the lock, hashes checked, then the project itself
+# without dependencies (the lock has them all; nothing unpinned sneaks in).
 # A plain (not editable) install: it is what a deployment gets, and it puts
 # the plugin under site-packages/twisted/plugins where twistd looks.  The
 # plugin cache is rebuilt here, as root, so the service never needs to
-# write it.
-$(VENV)/.installed: $(SOURCES)
+# write it.  An existing venv is updated in place, never removed.
+$(VENV)/.installed: $(SOURCES) $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet '.[test]'
+	$(BIN)/pip install --quiet --require-hashes -r $(LOCK)
+	$(BIN)/pip install --quiet --no-deps .
 	$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 	touch $@
 
-# A self-signed certificate for localhost, for development only.
-$(CERT):
-	mkdir -p var/tls
-	openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 825 \
-	  -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1 \
-	  -keyout var/tls/localhost.key -out $(CERT) 2>/dev/null
+# Re-resolve setup.cfg's ranges (runtime and the test extra) into the lock.
+# Versions already locked are kept where the ranges still allow them;
+# `make lock UPGRADE=1` moves every package to its newest release.
+# --universal: one lock for every Python >= 3.11 and every platform (each
+# release's hashes for all of its files), so a Debian 13 server installs
+# from the same file as a Debian 12 laptop.
+lock:
+	test -x $(LOCK_TOOLS)/bin/uv || { $(PYTHON) -m venv $(LOCK_TOOLS) && \
+	  $(LOCK_TOOLS)/bin/pip install --quiet --isolated --index-url $(PYPI) uv==$(UV_VERSION); }
+	$(LOCK_TOOLS)/bin/uv pip compile --quiet --no-config --index-url $(PYPI) \
+	  --universal --python-version 3.11 --generate-hashes --extra test \
+	  --custom-compile-command "make lock" $(if $(UPGRADE),--upgrade) \
+	  setup.cfg -o $(LOCK)
 
-# Real clients for the end-to-end tests; installed only when missing.
+# A self-signed certificate for localhost, for development only.  Made with
+# the venv's own cryptography package, so `make run` needs no openssl.
+$(CERT): | $(VENV)/.installed
+	mkdir -p $(dir $(CERT))
+	$(BIN)/python -c "$$MAKE_CERT" $(CERT) $(CERT:.pem=.key)
+
+define MAKE_CERT
+import datetime, ipaddress, os, sys
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+key = ec.generate_private_key(ec.SECP256R1())
+name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+now = datetime.datetime.now(datetime.UTC)
+cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=825))
+        .add_extension(x509.SubjectAlternativeName([
+            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False)
+        .sign(key, hashes.SHA256()))
+fd = os.open(sys.argv[2], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+with os.fdopen(fd, "wb") as f:
+    f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()))
+with open(sys.argv[1], "wb") as f:
+    f.write(cert.public_bytes(serialization.Encoding.PEM))
+endef
+export MAKE_CERT
+
+# The development configuration with PORTS in place of its ports, and its
+# relative paths made absolute (the copy lives elsewhere).  Regenerated on
+# every `make run PORTS=...`, so it always follows etc/mxmrelay.dev.toml.
+dev-config:
+	@test -n "$(PORTS)" || { echo "PORTS=SMTP,SUBMISSION,SMTPS,API is required"; exit 2; }
+	@mkdir -p $(dir $(DEV_CONFIG))
+	@$(PYTHON) -c "$$WITH_PORTS" etc/mxmrelay.dev.toml "$(PORTS)" $(DEV_CONFIG)
+	@echo "$(DEV_CONFIG): smtp, submission, smtps, reference API on $(PORTS)"
+
+define WITH_PORTS
+import os, re, sys, tomllib
+from pathlib import Path
+source, ports, target = Path(sys.argv[1]).resolve(), sys.argv[2], Path(sys.argv[3])
+text = source.read_text()
+config = tomllib.loads(text)
+def port(endpoint):
+    return int(re.match(r"tcp:(\d+)", endpoint).group(1))
+roles = {listener["role"]: port(listener["endpoint"]) for listener in config["listener"]}
+old = [roles["smtp"], roles["submission"], roles["smtps"], port(config["reference_api"]["endpoint"])]
+try:
+    new = [int(p) for p in ports.split(",")]
+    if len(new) != 4 or len(set(new)) != 4 or not all(0 < p < 65536 for p in new):
+        raise ValueError
+except ValueError:
+    sys.exit(f"PORTS={ports}: want four different ports: smtp,submission,smtps,api")
+ports_of = dict(zip(old, new, strict=True))
+def swap(m):
+    return m.group(1) + str(ports_of.get(int(m.group(2)), m.group(2)))
+# tcp:PORT endpoints, and the delivery API's http://HOST:PORT/ URL.
+text = re.sub(r"(tcp:)(\d+)", swap, text)
+text = re.sub(r"(://[^/:\"]+:)(\d+)", swap, text)
+def absolute(m):
+    return m.group(1) + os.path.normpath(source.parent / m.group(2)) + m.group(3)
+text = re.sub(r"(?m)^(\s*(?:directory|certificate|private_key|database|ca_file)\s*=\s*\")"
+              r"([^\"/][^\"]*)(\")", absolute, text)
+tomllib.loads(text)
+target.write_text(f"# Generated by `make run PORTS={ports}` from {source}: do not edit.\n"
+                  + text)
+endef
+export WITH_PORTS
+
+# Real clients for the end-to-end tests, installed system-wide with apt when
+# missing (see the README): the tests' only changes to the machine.  Never
+# fatal: with no root, no network or apt busy for over two minutes, the
+# packages it could not install are named and their tests skip.
 tools:
-	@missing=""; for t in $(TEST_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
-	if [ -n "$$missing" ]; then \
-	  echo "installing:$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	fi
-	@missing=""; for p in $(TEST_PACKAGES); do \
-	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-	  apt-get update -qq || true; available=""; \
-	  for p in $$missing; do \
-	    if apt-cache policy $$p 2>/dev/null | grep -q 'Candidate: [^(]'; then available="$$available $$p"; \
-	    else echo "not in this Debian, its tests will be skipped: $$p"; fi; \
-	  done; \
-	  if [ -n "$$available" ]; then \
-	    echo "installing:$$available"; \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$available >/dev/null; \
-	  fi; \
-	fi
+	@bash -c "$$INSTALL_TOOLS" install-tools "$(TEST_TOOLS)" "$(TEST_PACKAGES)"
 	@if [ ! -d $(NODEMAILER) ]; then \
 	  if command -v node >/dev/null && command -v npm >/dev/null; then \
 	    echo "installing: nodemailer (npm, into var/node)"; \
@@ -80,6 +174,60 @@ tools:
 	      || echo "nodemailer could not be installed: its tests will be skipped"; \
 	  else echo "no node/npm: the Nodemailer tests will be skipped"; fi; \
 	fi
+
+define INSTALL_TOOLS
+set -u
+tools=$$1 packages=$$2 missing=""
+for t in $$tools; do command -v $$t >/dev/null || missing="$$missing $$t"; done
+for p in $$packages; do
+  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"
+done
+[ -z "$$missing" ] && exit 0
+skip() { echo "not installed ($$1), their tests will be skipped:$$2"; exit 0; }
+command -v apt-get >/dev/null || skip "no apt-get" "$$missing"
+if [ "$$(id -u)" = 0 ]; then sudo=""
+elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo="sudo -n"
+else skip "apt-get needs root" "$$missing"; fi
+# Wait for another apt or dpkg (unattended-upgrades, a package manager
+# window) rather than fail at once, then go on without.
+apt="$$sudo env DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=$(APT_LOCK_TIMEOUT)"
+$$apt update >/dev/null 2>&1 || echo "apt-get update failed: trying with the package lists there are"
+available=""
+for p in $$missing; do
+  if apt-cache policy $$p 2>/dev/null | grep -q 'Candidate: [^(]'; then available="$$available $$p"
+  else echo "not in this Debian, its tests will be skipped: $$p"; fi
+done
+[ -z "$$available" ] && exit 0
+# Installing a package must not start a daemon (fail2ban would start
+# banning with Debian's sshd jail) nor enable one for the next boot:
+# policy-rc.d answers "not allowed" (101) for the duration of the install
+# (an existing one is put back afterwards), and whatever unit the install
+# enabled is disabled again.
+policy=/usr/sbin/policy-rc.d saved=""
+enabled() { systemctl list-unit-files --state=enabled --no-legend 2>/dev/null | awk '{print $$1}' | sort; }
+before=$$(enabled)
+restore() {
+  if [ -n "$$saved" ]; then $$sudo mv -f "$$saved" $$policy; else $$sudo rm -f $$policy; fi
+}
+# A saved copy left by an interrupted run is the original: keep it.
+if [ -e $$policy.mxmrelay-saved ]; then saved=$$policy.mxmrelay-saved
+elif [ -e $$policy ]; then saved=$$policy.mxmrelay-saved; $$sudo mv -f $$policy "$$saved"; fi
+trap restore EXIT
+trap 'exit 1' INT TERM
+printf '#!/bin/sh\nexit 101\n' | $$sudo tee $$policy >/dev/null && $$sudo chmod 755 $$policy
+echo "installing:$$available"
+if ! $$apt install $$available >/dev/null; then
+  for p in $$available; do
+    $$apt install $$p >/dev/null 2>&1 || echo "could not install $$p: its tests will be skipped"
+  done
+fi
+for unit in $$(comm -13 <(echo "$$before") <(enabled)); do
+  echo "disabling $$unit (enabled by its package; the tests need no daemon)"
+  $$sudo systemctl disable --quiet $$unit || true
+done
+exit 0
+endef
+export INSTALL_TOOLS
 
 clean:
 	rm -rf $(VENV) var build *.egg-info
