@@ -1,16 +1,20 @@
 """The relay's configuration: one TOML file, validated whole at start.
 
 Every mistake stops start-up with the file, the key and the reason, so an
-operator never meets a half-configured relay at the first message.
+operator never meets a half-configured relay at the first message.  Every
+mistake is collected, not just the first, so that ``mxmrelay-check`` can
+list them all in one run; a key the relay does not know is a mistake too
+(a misspelled limit would otherwise silently keep its default).
 Relative paths are taken relative to the configuration file's folder, so
 the same file works whatever directory twistd was started from.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +25,47 @@ ROLES = ("smtp", "submission", "smtps")
 role (both plain, then STARTTLS, which is required), ``smtps`` the 465 role
 (TLS from the first byte)."""
 
+#: The keys of each table; anything else is refused (see :func:`unknown_keys`).
+TOP_KEYS = ("hostname", "directory", "bounce_address", "max_message_size", "max_recipients",
+            "idle_timeout", "max_connections_per_address", "spool_memory", "workers",
+            "tls", "listener", "delivery_api", "reference_api", "auth")
+TLS_KEYS = ("certificate", "private_key")
+LISTENER_KEYS = ("role", "endpoint")
+DELIVERY_KEYS = ("url", "token", "timeout", "ca_file")
+REFERENCE_KEYS = ("endpoint", "database", "token")
+AUTH_KEYS = ("max_failures_per_connection", "max_failures_per_address",
+             "max_failures_per_user", "window", "cache_ttl")
+
+
+@attrs.frozen
+class Problem:
+    """One mistake: the file, the key (dotted, ``listener[1].role``), why."""
+
+    file: str
+    key: str
+    reason: str
+
+    def __str__(self) -> str:
+        return ": ".join(x for x in (self.file, self.key, self.reason) if x)
+
 
 class ConfigError(Exception):
-    """The configuration is invalid; the message says where and why."""
+    """The configuration is invalid; the message says where and why.
+
+    ``problems`` holds every mistake found (one per line of the message);
+    ``partial`` what could be read anyway, for ``mxmrelay-check`` to go on
+    checking the files that valid keys point to.
+    """
+
+    def __init__(self, message: str, problems: Sequence[Problem] = (),
+                 partial: Config | None = None) -> None:
+        super().__init__(message)
+        self.problems = tuple(problems)
+        self.partial = partial
+
+    @classmethod
+    def of(cls, problems: Sequence[Problem], partial: Config | None = None) -> ConfigError:
+        return cls("\n".join(map(str, problems)), problems, partial)
 
 
 def read_toml(path: Path, error: type[Exception]) -> dict[str, Any]:
@@ -35,6 +77,18 @@ def read_toml(path: Path, error: type[Exception]) -> dict[str, Any]:
         raise error(f"{path}: cannot read: {e.strerror}") from e
     except tomllib.TOMLDecodeError as e:
         raise error(f"{path}: not valid TOML: {e}") from e
+
+
+def unknown_keys(data: Mapping[str, Any], known: Collection[str]) -> list[tuple[str, str]]:
+    """``(key, reason)`` for each key of ``data`` not in ``known``, with the
+    closest known key as a suggestion when one is close enough."""
+    found = []
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            found.append((str(key), f"unknown key{hint}"))
+    return found
 
 
 @attrs.frozen
@@ -100,145 +154,192 @@ class Config:
     spool_memory: int = 512 * 1024
     #: Relay processes sharing the listening sockets (see mxmrelay/workers.py).
     workers: int = 1
+    #: The file it was read from, as given: start-up errors name it.
+    source: str = "config"
 
     @classmethod
     def from_file(cls, path: Path) -> Config:
-        return cls.from_dict(read_toml(path, ConfigError), path.parent, str(path))
+        try:
+            data = read_toml(path, ConfigError)
+        except ConfigError as e:
+            raise ConfigError.of([Problem(str(path), "", str(e).split(": ", 1)[1])]) from e
+        return cls.from_dict(data, path.parent, str(path))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], base: Path, where: str) -> Config:
-        r = _Reader(data, base, where)
-        listeners = []
-        for i, item in enumerate(r.tables("listener")):
-            lr = r.sub(item, f"listener[{i}]")
-            role = lr.string("role")
-            if role not in ROLES:
-                raise lr.error("role", f"must be one of {', '.join(ROLES)}")
-            listeners.append(Listener(role=role, endpoint=lr.string("endpoint")))
-        # What only the relay needs; a configuration that runs the
-        # reference API alone (no listeners) may leave it out.
-        relay = bool(listeners) or any(k in data for k in ("hostname", "directory", "tls"))
-        hostname, directory = ("localhost", base) if not relay else (
-            r.string("hostname"), r.path("directory"))
-        tls = TLSConfig(base, base)
-        if relay:
-            t = r.sub(r.table("tls"), "tls")
+        """The configuration, or :class:`ConfigError` with every problem."""
+        r = _Reader(data, base, where, [])
+        config = _parse(r)
+        if r.problems:
+            raise ConfigError.of(r.problems, config)
+        return config
+
+
+def _parse(r: _Reader) -> Config:
+    data = r.data
+    r.known(TOP_KEYS)
+    listeners = []
+    for i, item in enumerate(r.tables("listener")):
+        lr = r.sub(item, f"listener[{i}]", LISTENER_KEYS)
+        role = lr.string("role")
+        if role and role not in ROLES:
+            lr.problem("role", f"must be one of {', '.join(ROLES)}")
+        listeners.append(Listener(role=role, endpoint=lr.string("endpoint")))
+    # What only the relay needs; a configuration that runs the
+    # reference API alone (no listeners) may leave it out.
+    relay = bool(listeners) or any(k in data for k in ("hostname", "directory", "tls"))
+    hostname, directory = "localhost", r.base
+    tls = TLSConfig(r.base, r.base)
+    if relay:
+        hostname, directory = r.string("hostname"), r.path("directory")
+        t = r.section("tls", TLS_KEYS)
+        if t is not None:
             tls = TLSConfig(certificate=t.path("certificate"), private_key=t.path("private_key"))
-        bounce = "{id}@unused.invalid"
-        if relay or "bounce_address" in data:
-            bounce = r.string("bounce_address")
-            if "{id}" not in bounce or "@" not in bounce:
-                raise r.error("bounce_address", "must be an address containing {id}")
-            try:
-                bounce.format(id="x")
-            except (KeyError, ValueError, IndexError) as e:
-                raise r.error("bounce_address", f"bad template: {e}") from e
-        delivery = None
-        if "delivery_api" in data:
-            d = r.sub(r.table("delivery_api"), "delivery_api")
-            url = d.string("url")
-            if not url.startswith(("https://", "http://")):
-                raise d.error("url", "must be an http:// or https:// URL")
-            delivery = DeliveryAPIConfig(
-                url=url,
-                token=d.string("token"),
-                timeout=d.number("timeout", 30.0, low=0.1, high=600),
-                ca_file=d.path("ca_file") if "ca_file" in d.data else None,
-            )
-        reference = None
-        if "reference_api" in data:
-            a = r.sub(r.table("reference_api"), "reference_api")
-            reference = ReferenceAPIConfig(
-                endpoint=a.string("endpoint"),
-                database=a.path("database"),
-                token=a.string("token"),
-            )
-        if not listeners and reference is None:
-            raise r.error("listener", "no [[listener]] and no [reference_api]: nothing to run")
-        if listeners and delivery is None:
-            raise r.error("delivery_api", "listeners need a [delivery_api] to forward to")
-        auth = AuthConfig()
-        if "auth" in data:
-            a = r.sub(r.table("auth"), "auth")
-            auth = AuthConfig(
-                max_failures_per_connection=a.integer("max_failures_per_connection", 3, low=1),
-                max_failures_per_address=a.integer("max_failures_per_address", 10, low=1),
-                max_failures_per_user=a.integer("max_failures_per_user", 5, low=1),
-                window=a.number("window", 600.0, low=1),
-                cache_ttl=a.number("cache_ttl", 300.0, low=0),
-            )
-        return cls(
-            hostname=hostname,
-            directory=directory,
-            listeners=tuple(listeners),
-            tls=tls,
-            bounce_template=bounce,
-            delivery_api=delivery,
-            reference_api=reference,
-            auth=auth,
-            max_message_size=r.integer("max_message_size", 25 * 1024 * 1024, low=1024),
-            max_recipients=r.integer("max_recipients", 100, low=1, high=10_000),
-            idle_timeout=r.number("idle_timeout", 300.0, low=1),
-            max_connections_per_address=r.integer("max_connections_per_address", 100, low=1),
-            spool_memory=r.integer("spool_memory", 512 * 1024, low=1),
-            workers=r.workers(),
+    bounce = "{id}@unused.invalid"
+    if relay or "bounce_address" in data:
+        bounce = _bounce(r)
+    delivery = None
+    d = r.section("delivery_api", DELIVERY_KEYS) if "delivery_api" in data else None
+    if d is not None:
+        url = d.string("url")
+        if url and not url.startswith(("https://", "http://")):
+            d.problem("url", "must be an http:// or https:// URL")
+        delivery = DeliveryAPIConfig(
+            url=url,
+            token=d.string("token"),
+            timeout=d.number("timeout", 30.0, low=0.1, high=600),
+            ca_file=d.path("ca_file") if "ca_file" in d.data else None,
         )
+    reference = None
+    a = r.section("reference_api", REFERENCE_KEYS) if "reference_api" in data else None
+    if a is not None:
+        reference = ReferenceAPIConfig(
+            endpoint=a.string("endpoint"), database=a.path("database"), token=a.string("token"))
+    if not listeners and reference is None:
+        r.problem("listener", "no [[listener]] and no [reference_api]: nothing to run")
+    if listeners and "delivery_api" not in data:
+        r.problem("delivery_api", "listeners need a [delivery_api] to forward to")
+    auth = AuthConfig()
+    a = r.section("auth", AUTH_KEYS) if "auth" in data else None
+    if a is not None:
+        auth = AuthConfig(
+            max_failures_per_connection=a.integer("max_failures_per_connection", 3, low=1),
+            max_failures_per_address=a.integer("max_failures_per_address", 10, low=1),
+            max_failures_per_user=a.integer("max_failures_per_user", 5, low=1),
+            window=a.number("window", 600.0, low=1),
+            cache_ttl=a.number("cache_ttl", 300.0, low=0),
+        )
+    return Config(
+        hostname=hostname,
+        directory=directory,
+        listeners=tuple(listeners),
+        tls=tls,
+        bounce_template=bounce,
+        delivery_api=delivery,
+        reference_api=reference,
+        auth=auth,
+        max_message_size=r.integer("max_message_size", 25 * 1024 * 1024, low=1024),
+        max_recipients=r.integer("max_recipients", 100, low=1, high=10_000),
+        idle_timeout=r.number("idle_timeout", 300.0, low=1),
+        max_connections_per_address=r.integer("max_connections_per_address", 100, low=1),
+        spool_memory=r.integer("spool_memory", 512 * 1024, low=1),
+        workers=r.workers(),
+        source=r.where,
+    )
+
+
+def _bounce(r: _Reader) -> str:
+    bounce = r.string("bounce_address")
+    if not bounce:
+        return "{id}@unused.invalid"
+    if "{id}" not in bounce or "@" not in bounce:
+        r.problem("bounce_address", "must be an address containing {id}")
+        return bounce
+    try:
+        bounce.format(id="x")
+    except (KeyError, ValueError, IndexError) as e:
+        r.problem("bounce_address", f"bad template: {e}")
+    return bounce
 
 
 @attrs.frozen
 class _Reader:
-    """Typed access to one TOML table, with errors that name the key."""
+    """Typed access to one TOML table.  A mistake is recorded as a
+    :class:`Problem` naming the key, and reading goes on with a stand-in
+    value, so that one pass finds every mistake."""
 
     data: Mapping[str, Any]
     base: Path
     where: str
+    problems: list[Problem]
     prefix: str = ""
 
-    def error(self, key: str, reason: str) -> ConfigError:
-        return ConfigError(f"{self.where}: {self.prefix}{key}: {reason}")
+    def problem(self, key: str, reason: str) -> None:
+        self.problems.append(Problem(self.where, f"{self.prefix}{key}", reason))
 
-    def sub(self, data: Mapping[str, Any], name: str) -> _Reader:
-        return _Reader(data, self.base, self.where, f"{self.prefix}{name}.")
+    def known(self, keys: Collection[str]) -> None:
+        for key, reason in unknown_keys(self.data, keys):
+            self.problem(key, reason)
 
-    def table(self, key: str) -> Mapping[str, Any]:
+    def sub(self, data: Mapping[str, Any], name: str, keys: Collection[str]) -> _Reader:
+        reader = _Reader(data, self.base, self.where, self.problems, f"{self.prefix}{name}.")
+        reader.known(keys)
+        return reader
+
+    def section(self, key: str, keys: Collection[str]) -> _Reader | None:
+        """The reader of table ``key`` (its unknown keys reported), or None."""
         value = self.data.get(key)
         if not isinstance(value, dict):
-            raise self.error(key, "missing table")
-        return value
+            self.problem(key, "missing table" if value is None else "must be a table")
+            return None
+        return self.sub(value, key, keys)
 
     def tables(self, key: str) -> list[Mapping[str, Any]]:
         value = self.data.get(key, [])
         if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-            raise self.error(key, f"must be an array of tables ([[{key}]])")
+            self.problem(key, f"must be an array of tables ([[{key}]])")
+            return []
         return value
 
     def string(self, key: str) -> str:
         value = self.data.get(key)
         if not isinstance(value, str) or not value.strip():
-            raise self.error(key, "missing or not a non-empty string")
+            self.problem(key, "missing or not a non-empty string")
+            return ""
         return value.strip()
 
     def path(self, key: str) -> Path:
         return self.base / Path(self.string(key))
 
-    def integer(self, key: str, default: int, low: int = 0, high: int | None = None) -> int:
+    def integer(self, key: str, default: int, low: int, high: int | None = None) -> int:
         value = self.data.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(key, "must be an integer")
-        if value < low or (high is not None and value > high):
-            raise self.error(key, f"must be between {low} and {high or 'any'}")
+        if isinstance(value, bool) or not isinstance(value, int) or not _within(value, low, high):
+            self.problem(key, f"must be an integer {_limits(low, high)}")
+            return default
         return value
 
     def workers(self) -> int:
         """``workers``: a count, or "auto" for one per core."""
         if self.data.get("workers") == "auto":
             return max(1, min(256, len(os.sched_getaffinity(0))))
-        return self.integer("workers", 1, low=1, high=256)
+        value = self.data.get("workers", 1)
+        if isinstance(value, bool) or not isinstance(value, int) or not _within(value, 1, 256):
+            self.problem("workers", f'must be an integer {_limits(1, 256)}, or "auto"')
+            return 1
+        return value
 
-    def number(self, key: str, default: float, low: float = 0, high: float | None = None) -> float:
+    def number(self, key: str, default: float, low: float, high: float | None = None) -> float:
         value = self.data.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self.error(key, "must be a number")
-        if value < low or (high is not None and value > high):
-            raise self.error(key, f"must be between {low} and {high or 'any'}")
+        if (isinstance(value, bool) or not isinstance(value, int | float)
+                or not _within(value, low, high)):
+            self.problem(key, f"must be a number {_limits(low, high)}")
+            return default
         return float(value)
+
+
+def _within(value: float, low: float, high: float | None) -> bool:
+    return low <= value and (high is None or value <= high)
+
+
+def _limits(low: float, high: float | None) -> str:
+    return f"of at least {low}" if high is None else f"from {low} to {high}"

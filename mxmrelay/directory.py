@@ -8,7 +8,7 @@ even though the TOML backend answers at once.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +16,14 @@ import attrs
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import Interface, implementer
 
-from mxmrelay.config import read_toml
+from mxmrelay.config import Problem, read_toml, unknown_keys
 
 #: The bits an ``X-Mxm-Flags`` value may carry (1|2|4|8).
 MAX_FLAGS = 15
+
+#: The keys of a ``[[customer]]`` and of a ``[[user]]``; anything else is refused.
+CUSTOMER_KEYS = ("id", "name", "domains", "flags", "from_flags", "allow_subdomains")
+USER_KEYS = ("email", "password", "customer")
 
 
 @attrs.frozen
@@ -68,7 +72,12 @@ class DirectoryError(Exception):
 
 
 class InvalidDirectory(Exception):
-    """The directory file is invalid; the message names file, key, reason."""
+    """The directory file is invalid; the message names file, key, reason
+    (one line per problem, all of them, in ``problems``)."""
+
+    def __init__(self, message: str, problems: Sequence[Problem] = ()) -> None:
+        super().__init__(message)
+        self.problems = tuple(problems)
 
 
 class IDirectory(Interface):
@@ -103,79 +112,120 @@ class TomlDirectory:
 
     @classmethod
     def from_file(cls, path: Path) -> TomlDirectory:
-        return cls.from_dict(read_toml(path, InvalidDirectory), str(path))
+        try:
+            data = read_toml(path, InvalidDirectory)
+        except InvalidDirectory as e:
+            reason = str(e).split(": ", 1)[1]
+            raise InvalidDirectory(str(e), [Problem(str(path), "", reason)]) from e
+        return cls.from_dict(data, str(path))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str) -> TomlDirectory:
-        def bad(key: str, reason: str) -> InvalidDirectory:
-            return InvalidDirectory(f"{where}: {key}: {reason}")
-
+        """The directory, or :class:`InvalidDirectory` with every problem
+        (unknown keys included: a misspelled ``allow_subdomain`` would
+        otherwise silently mean false)."""
+        check = _Check(where, [])
+        check.known(data, "", ("customer", "user"))
         spaces: dict[str, CustomerSpace] = {}
-        for i, c in enumerate(_table_list(data, "customer", where)):
-            key = f"customer[{i}]"
-            cid = _string(c, "id", key, where)
-            if cid in spaces:
-                raise bad(f"{key}.id", f"duplicate customer space {cid!r}")
-            domains = c.get("domains")
-            if not isinstance(domains, list) or not domains or not all(
-                isinstance(d, str) and d.strip() for d in domains
-            ):
-                raise bad(f"{key}.domains", "must be a non-empty list of domain names")
-            flags = _flags(c.get("flags", 0), f"{key}.flags", where)
-            from_flags_raw = c.get("from_flags", {})
-            if not isinstance(from_flags_raw, dict):
-                raise bad(f"{key}.from_flags", "must be a table of address = flags")
-            from_flags = {
-                str(addr).lower(): _flags(v, f"{key}.from_flags.{addr}", where)
-                for addr, v in from_flags_raw.items()
-            }
-            allow_sub = c.get("allow_subdomains", False)
-            if not isinstance(allow_sub, bool):
-                raise bad(f"{key}.allow_subdomains", "must be true or false")
-            spaces[cid] = CustomerSpace(
-                id=cid,
-                name=str(c.get("name", cid)),
-                domains=frozenset(normalise_domain(d) for d in domains),
-                default_flags=flags,
-                from_flags=from_flags,
-                allow_subdomains=allow_sub,
-            )
+        for i, c in enumerate(check.tables(data, "customer")):
+            space = check.space(c, f"customer[{i}]", spaces)
+            if space is not None:
+                spaces[space.id] = space
         users: dict[str, User] = {}
-        for i, u in enumerate(_table_list(data, "user", where)):
-            key = f"user[{i}]"
-            email = _string(u, "email", key, where)
-            if "@" not in email:
-                raise bad(f"{key}.email", "must be an email address")
-            pw = _string(u, "password", key, where)
-            if not pw.startswith("scrypt$"):
-                raise bad(
-                    f"{key}.password",
-                    "must be a hash made by mxmrelay-passwd (never a clear password)",
-                )
-            space = spaces.get(_string(u, "customer", key, where))
-            if space is None:
-                raise bad(f"{key}.customer", "names no customer space in this file")
-            if email.lower() in users:
-                raise bad(f"{key}.email", f"duplicate user {email!r}")
-            users[email.lower()] = User(email=email, password_hash=pw, customer=space)
+        for i, u in enumerate(check.tables(data, "user")):
+            user = check.user(u, f"user[{i}]", spaces, users)
+            if user is not None:
+                users[user.email.lower()] = user
+        if check.problems:
+            raise InvalidDirectory("\n".join(map(str, check.problems)), check.problems)
         return cls(users=users, spaces=spaces)
 
 
-def _table_list(data: Mapping[str, Any], name: str, where: str) -> list[dict[str, Any]]:
-    value = data.get(name, [])
-    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-        raise InvalidDirectory(f"{where}: {name}: must be an array of tables ([[{name}]])")
-    return value
+@attrs.frozen
+class _Check:
+    """Reads the directory's tables, recording every problem."""
 
+    where: str
+    problems: list[Problem]
 
-def _string(table: Mapping[str, Any], key: str, prefix: str, where: str) -> str:
-    value = table.get(key)
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidDirectory(f"{where}: {prefix}.{key}: missing or not a string")
-    return value.strip()
+    def bad(self, key: str, reason: str) -> None:
+        self.problems.append(Problem(self.where, key, reason))
 
+    def known(self, table: Mapping[str, Any], prefix: str, keys: Sequence[str]) -> None:
+        for key, reason in unknown_keys(table, keys):
+            self.bad(f"{prefix}{key}", reason)
 
-def _flags(value: Any, key: str, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_FLAGS:
-        raise InvalidDirectory(f"{where}: {key}: must be an integer from 0 to {MAX_FLAGS}")
-    return value
+    def tables(self, data: Mapping[str, Any], name: str) -> list[Mapping[str, Any]]:
+        value = data.get(name, [])
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            self.bad(name, f"must be an array of tables ([[{name}]])")
+            return []
+        return value
+
+    def string(self, table: Mapping[str, Any], key: str, prefix: str) -> str | None:
+        value = table.get(key)
+        if not isinstance(value, str) or not value.strip():
+            self.bad(f"{prefix}.{key}", "missing or not a string")
+            return None
+        return value.strip()
+
+    def flags(self, value: Any, key: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_FLAGS:
+            self.bad(key, f"must be an integer from 0 to {MAX_FLAGS}")
+            return 0
+        return value
+
+    def space(self, c: Mapping[str, Any], key: str,
+              spaces: Mapping[str, CustomerSpace]) -> CustomerSpace | None:
+        self.known(c, f"{key}.", CUSTOMER_KEYS)
+        cid = self.string(c, "id", key)
+        if cid is not None and cid in spaces:
+            self.bad(f"{key}.id", f"duplicate customer space {cid!r}")
+        domains = c.get("domains")
+        if not isinstance(domains, list) or not domains or not all(
+            isinstance(d, str) and d.strip() for d in domains
+        ):
+            self.bad(f"{key}.domains", "must be a non-empty list of domain names")
+            domains = []
+        flags = self.flags(c.get("flags", 0), f"{key}.flags")
+        from_flags_raw = c.get("from_flags", {})
+        if not isinstance(from_flags_raw, dict):
+            self.bad(f"{key}.from_flags", "must be a table of address = flags")
+            from_flags_raw = {}
+        from_flags = {
+            str(addr).lower(): self.flags(v, f"{key}.from_flags.{addr}")
+            for addr, v in from_flags_raw.items()
+        }
+        allow_sub = c.get("allow_subdomains", False)
+        if not isinstance(allow_sub, bool):
+            self.bad(f"{key}.allow_subdomains", "must be true or false")
+        if cid is None or cid in spaces:
+            return None
+        return CustomerSpace(
+            id=cid,
+            name=str(c.get("name", cid)),
+            domains=frozenset(normalise_domain(d) for d in domains),
+            default_flags=flags,
+            from_flags=from_flags,
+            allow_subdomains=bool(allow_sub),
+        )
+
+    def user(self, u: Mapping[str, Any], key: str, spaces: Mapping[str, CustomerSpace],
+             users: Mapping[str, User]) -> User | None:
+        self.known(u, f"{key}.", USER_KEYS)
+        email = self.string(u, "email", key)
+        if email is not None and "@" not in email:
+            self.bad(f"{key}.email", "must be an email address")
+        elif email is not None and email.lower() in users:
+            self.bad(f"{key}.email", f"duplicate user {email!r}")
+        pw = self.string(u, "password", key)
+        if pw is not None and not pw.startswith("scrypt$"):
+            self.bad(f"{key}.password",
+                     "must be a hash made by mxmrelay-passwd (never a clear password)")
+        name = self.string(u, "customer", key)
+        space = spaces.get(name) if name is not None else None
+        if name is not None and space is None:
+            self.bad(f"{key}.customer", "names no customer space in this file")
+        if email is None or pw is None or space is None:
+            return None
+        return User(email=email, password_hash=pw, customer=space)

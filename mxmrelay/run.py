@@ -1,73 +1,92 @@
-"""Start-up: configuration errors become one line and exit status 1.
+"""Start-up: every failure becomes one line and exit status 1.
 
-twistd would otherwise print a traceback for a missing certificate; an
-operator needs the file and the reason instead.
+twistd would otherwise print a traceback for a missing certificate or a
+port in use; an operator needs the file, the key and the reason instead.
 
-Everything that can be wrong is checked *before* the service is built:
-building it with a ``[reference_api]`` starts that API's database worker
-thread, which is not a daemon, so a failure after it (a bad certificate, a
-bad directory, a bad endpoint string) used to print its message and then
-leave the process hanging instead of exiting 1.
+Everything that can be wrong in the files is checked *before* the service
+is built, by the checks ``mxmrelay-check`` runs (see mxmrelay/check.py).
+What can only fail as the service starts (a port in use) is turned into
+one line by :class:`_OneLine`.  Nothing is started before then (the
+reference API opens its database and worker thread only as its service
+starts, and :class:`~mxmrelay.service.InOrder` closes it again when a later
+service fails), so a plain ``SystemExit`` ends the process: no thread is
+left to keep it alive.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
-from twisted.application.service import IService
-from twisted.internet import endpoints
+from twisted.application.service import IService, MultiService
 
-from mxmrelay.config import Config, ConfigError
-from mxmrelay.directory import InvalidDirectory, TomlDirectory
-from mxmrelay.tls import TLSConfigError, server_context
+from mxmrelay.config import ConfigError
+from mxmrelay.directory import InvalidDirectory
+from mxmrelay.tls import TLSConfigError
 
 
 def service_from_options(config_path: str) -> IService:
     from twisted.internet import reactor
 
+    from mxmrelay.check import check
     from mxmrelay.service import make_service
 
+    report = check(Path(config_path), reactor, activated=True)
+    for warning in report.warnings:
+        _say(f"mxmrelay: warning: {warning}")
+    if report.config is None:
+        _fail(*map(str, report.errors))
+    config = report.config
     try:
-        config = Config.from_file(Path(config_path))
-        check(config, config_path, reactor)
         if config.workers > 1:
             from mxmrelay.workers import make_supervised_service
 
-            return make_supervised_service(config, Path(config_path), reactor)
-        return make_service(config, reactor)
-    except (ConfigError, InvalidDirectory, TLSConfigError, OSError) as e:
-        _fail(str(e))
+            top = make_supervised_service(config, Path(config_path), reactor)
+        else:
+            top = make_service(config, reactor)
+    except (ConfigError, InvalidDirectory, TLSConfigError) as e:
+        _fail(f"{config_path}: {e}")
+    except OSError as e:
+        # The supervisor of workers = N binds its listeners as it is built.
+        _fail(f"{config_path}: listener: {e.strerror or e}")
+    return _OneLine(top)
 
 
-def check(config: Config, where: str, reactor: Any) -> None:
-    """Load what the service will load, and parse every endpoint string,
-    without starting or binding anything."""
-    named = [(f"listener[{i}].endpoint", x.endpoint) for i, x in enumerate(config.listeners)]
-    if config.reference_api is not None:
-        named.append(("reference_api.endpoint", config.reference_api.endpoint))
-    for key, description in named:
+class _OneLine(MultiService):
+    """Ends a start that fails (a port in use, say) with one line and exit
+    status 1 instead of twistd's traceback.
+
+    The service under it has already released what it had started (see
+    :class:`~mxmrelay.service.InOrder`), so the process can simply exit.
+    """
+
+    def __init__(self, service: IService) -> None:
+        super().__init__()
+        service.setServiceParent(self)
+
+    def privilegedStartService(self) -> None:
         try:
-            endpoints.serverFromString(reactor, description)
-        except IndexError:
-            # systemd:domain=INET:index=N without that many inherited sockets.
-            raise ConfigError(
-                f"{where}: {key}: {description!r}: no such socket passed by systemd "
-                "(start the service through its .socket unit)") from None
-        except (ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"{where}: {key}: {description!r}: {e}") from e
-    if config.listeners:
-        server_context(config.tls.certificate, config.tls.private_key)
-        TomlDirectory.from_file(config.directory)
+            super().privilegedStartService()
+        except Exception as e:
+            _fail(str(e))
+
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except Exception as e:
+            _fail(str(e))
 
 
-def _fail(message: str) -> NoReturn:
-    print(f"mxmrelay: cannot start: {message}", file=sys.stderr, flush=True)
+def _say(line: str) -> None:
+    # The real stderr: twistd sends sys.stderr to its log once started,
+    # which would wrap the line in a timestamp and a log prefix.
+    stream = sys.__stderr__ or sys.stderr
+    print(line, file=stream, flush=True)
+
+
+def _fail(*lines: str) -> NoReturn:
+    for line in lines:
+        _say(f"mxmrelay: cannot start: {line}")
     sys.stdout.flush()
-    # os._exit, not SystemExit: a half-built service may already have started
-    # a non-daemon thread (the reference API's database worker, opened before
-    # the workers' supervisor binds its sockets), and the interpreter would
-    # wait for it forever: a start-up error must end the process.
-    os._exit(1)
+    raise SystemExit(1)

@@ -7,23 +7,27 @@ fails with one clear message instead of a relay that fails per message.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 from twisted.internet.ssl import CertificateOptions
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mxmrelay.auth import CredentialCache, DirectoryChecker, FailureLimiter
-from mxmrelay.config import Config
+from mxmrelay.config import Config, ReferenceAPIConfig
 from mxmrelay.delivery import Outbound, Realm
 from mxmrelay.directory import IDirectory, TomlDirectory
 from mxmrelay.forwarder import Forwarder
 from mxmrelay.smtp import Settings, SMTPFactory
 from mxmrelay.tls import ImplicitTLSFactory, server_context
+
+if TYPE_CHECKING:
+    from mxmrelay.refapi import ReferenceAPI
 
 #: Seconds of silence on the implicit-TLS port before a client is taken
 #: for a plain one waiting for its banner (TLS clients speak at once).
@@ -42,10 +46,54 @@ class _Cleanup(Service):
         return result
 
 
+class StartFailed(Exception):
+    """A service could not start; the message names it and says why."""
+
+
 class InOrder(MultiService):
     """A MultiService that stops its children one after the other, last
     first (MultiService stops them all at once): listeners, then goodbyes
-    and the sends in flight, then the forwarder and the reference API."""
+    and the sends in flight, then the forwarder and the reference API.
+
+    When one child fails to start, what the others started and would keep
+    the process alive (the reference API's worker thread) is released at
+    once (see :meth:`abandon`), and :class:`StartFailed` names the child
+    by its label (``listener[1] tcp:2587``), so that start-up can end with
+    one line and a plain exit.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: What to call a child in a start-up error (its key and endpoint).
+        self.labels: dict[object, str] = {}
+
+    def privilegedStartService(self) -> None:
+        Service.privilegedStartService(self)
+        self._each("privilegedStartService")
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self._each("startService")
+
+    def _each(self, step: str) -> None:
+        for service in self:
+            try:
+                getattr(service, step)()
+            except StartFailed:
+                self.abandon()
+                raise
+            except Exception as e:
+                self.abandon()
+                name = self.labels.get(service) or service.name or type(service).__name__
+                raise StartFailed(f"{name}: {_reason(e)}") from e
+
+    def abandon(self) -> None:
+        """After a failed start: release, without the reactor (which is not
+        running), whatever a child started that outlives a failed start."""
+        for service in reversed(list(self)):
+            abandon = getattr(service, "abandon", None)
+            if abandon is not None:
+                abandon()
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
@@ -83,17 +131,59 @@ class _Goodbye(Service):
         return done
 
 
+def _reason(e: Exception) -> str:
+    """Why a service could not start, in a few words (``address already in
+    use`` rather than CannotListenError's sentence about it)."""
+    if isinstance(e, CannotListenError) and isinstance(e.socketError, OSError):
+        text = e.socketError.strerror or str(e.socketError)
+        return text[:1].lower() + text[1:]
+    return str(e) or type(e).__name__
+
+
+class _ReferenceAPIService(MultiService):
+    """The reference API and its port.
+
+    Its database and worker thread (not a daemon) are opened as the
+    service starts, not when it is built: a start-up that fails first (a
+    bad file, the workers' supervisor meeting a port in use) leaves no
+    thread behind to keep the process alive, and one that fails later
+    closes it through :meth:`abandon`.
+    """
+
+    def __init__(self, ref: ReferenceAPIConfig, reactor: Any) -> None:
+        super().__init__()
+        self.ref = ref
+        self.reactor = reactor
+        self.api: ReferenceAPI | None = None
+        self.name = f"reference_api {ref.endpoint}"
+
+    def privilegedStartService(self) -> None:
+        from mxmrelay.refapi import ReferenceAPI
+
+        ref, reactor = self.ref, self.reactor
+        ref.database.parent.mkdir(parents=True, exist_ok=True)
+        api = self.api = ReferenceAPI.open(ref.database, ref.token)
+        strports.service(ref.endpoint, api.site(), reactor=reactor).setServiceParent(self)
+        super().privilegedStartService()
+
+    def stopService(self) -> Deferred[None]:
+        d: Deferred[None] = maybeDeferred(super().stopService)
+        return d.addBoth(self._closed)
+
+    def _closed(self, result: Any) -> Any:
+        self.abandon()
+        return result
+
+    def abandon(self) -> None:
+        if self.api is not None:
+            self.api.close()
+
+
 def reference_api(config: Config, reactor: Any, parent: MultiService) -> None:
     """Run the reference delivery API here, if the configuration says so."""
     if config.reference_api is None:
         return
-    from mxmrelay.refapi import ReferenceAPI
-
-    ref = config.reference_api
-    ref.database.parent.mkdir(parents=True, exist_ok=True)
-    api = ReferenceAPI.open(ref.database, ref.token)
-    _Cleanup(api.close).setServiceParent(parent)
-    strports.service(ref.endpoint, api.site(), reactor=reactor).setServiceParent(parent)
+    _ReferenceAPIService(config.reference_api, reactor).setServiceParent(parent)
 
 
 def make_service(config: Config, reactor: Any, directory: IDirectory | None = None) -> MultiService:
@@ -106,6 +196,9 @@ def make_service(config: Config, reactor: Any, directory: IDirectory | None = No
     for listener in config.listeners:
         factory = relay.factory(listener.role, listener.endpoint.startswith("haproxy:"))
         strports.service(listener.endpoint, factory, reactor=reactor).setServiceParent(top)
+    added = list(top)[-len(config.listeners):]
+    for i, (listener, service) in enumerate(zip(config.listeners, added, strict=True)):
+        top.labels[service] = f"listener[{i}] {listener.endpoint}"
     return top
 
 

@@ -31,7 +31,15 @@ TLS_HANDSHAKE = 0x16
 
 
 class TLSConfigError(Exception):
-    """The certificate or key cannot be used; the message names the file."""
+    """The certificate or key cannot be used; the message names the file.
+
+    ``key`` says which of the two (``certificate`` or ``private_key``), so
+    that the caller can name the configuration key that pointed to it.
+    """
+
+    def __init__(self, message: str, key: str = "certificate") -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def server_context(certificate: Path, private_key: Path) -> ssl.CertificateOptions:
@@ -43,7 +51,8 @@ def server_context(certificate: Path, private_key: Path) -> ssl.CertificateOptio
     try:
         key_pem = private_key.read_bytes()
     except OSError as e:
-        raise TLSConfigError(f"{private_key}: cannot read private key: {e.strerror}") from e
+        raise TLSConfigError(f"{private_key}: cannot read private key: {e.strerror}",
+                             "private_key") from e
     chain = []
     marker = b"-----BEGIN CERTIFICATE-----"
     for block in chain_pem.split(marker)[1:]:
@@ -56,7 +65,8 @@ def server_context(certificate: Path, private_key: Path) -> ssl.CertificateOptio
     try:
         key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
     except crypto.Error as e:
-        raise TLSConfigError(f"{private_key}: not a valid PEM private key: {e}") from e
+        raise TLSConfigError(f"{private_key}: not a valid PEM private key: {e}",
+                             "private_key") from e
     options = ssl.CertificateOptions(
         privateKey=key,
         certificate=chain[0],
@@ -68,8 +78,8 @@ def server_context(certificate: Path, private_key: Path) -> ssl.CertificateOptio
         options.getContext()
     except SSL.Error as e:
         raise TLSConfigError(
-            f"{private_key}: the key does not match the certificate in {certificate}: {e}"
-        ) from e
+            f"{private_key}: the key does not match the certificate in {certificate}: {e}",
+            "private_key") from e
     return options
 
 
