@@ -54,8 +54,9 @@ COMMAND_LIMIT = 512
 MAIL_LIMIT = 512 + 26 + 500
 #: RFC 4954 4: an AUTH response line may be 12,288 octets.
 AUTH_LINE_LIMIT = 12288
-#: RFC 5321 4.5.3.1.6: 998 characters and CRLF; one more for a stuffed dot.
-TEXT_LINE_LIMIT = 999
+#: RFC 5321 4.5.3.1.6: 998 characters and CRLF, counted after the
+#: dot-unstuffing (a line sent as "." + 998 characters is within it).
+TEXT_LINE_LIMIT = 998
 #: Unrecognised commands in a row before the connection is dropped.
 MAX_UNKNOWN = 5
 #: While a command is being answered, buffer at most this much pipelined
@@ -792,14 +793,21 @@ class DataReader:
         if self.error is not None:
             self._carry = buf[-4:]
             return None
-        # Cut before the last line ending (a CRLF kept whole, or a bare LF:
-        # bare endings are lines too), so that the carry is one partial line.
+        # Cut before the last line ending (a CRLF kept whole, or a bare LF
+        # or CR: bare endings are lines too), so that the carry is one
+        # partial line.  A CR at the very end may be the first half of the
+        # next CRLF: it is no ending yet.
         cut = buf.rfind(b"\n")
         if cut > 0 and buf[cut - 1] == 0x0D:
             cut -= 1
+        bare_cr = buf.rfind(b"\r", 0, len(buf) - 1)
+        if bare_cr > cut:
+            cut = bare_cr
         ending = 2 if buf.startswith(b"\r\n", cut) else 1
-        # (a CR at the very end may be the first half of the next CRLF)
-        partial = len(buf) - cut - ending - (1 if buf.endswith(b"\r") else 0)
+        start = cut + ending
+        partial = len(buf) - start - (1 if buf.endswith(b"\r") else 0)
+        if buf.startswith(b".", start):
+            partial -= 1  # the stuffed dot is not part of the line
         if partial > TEXT_LINE_LIMIT:
             # The line in progress is already too long: stop keeping it.
             self._fail(Reply(500, "5.5.2", "Line too long"))
@@ -812,9 +820,6 @@ class DataReader:
 
     def _emit(self, region: bytes) -> None:
         """Pass on complete lines (each preceded by its CRLF)."""
-        if _has_long_line(region, TEXT_LINE_LIMIT):
-            self._fail(Reply(500, "5.5.2", "Line too long"))
-            return
         crlf = region.count(b"\r\n")
         if crlf != region.count(b"\n") or crlf != region.count(b"\r"):
             # Bare CR or LF: normalised to CRLF (documented policy).  They
@@ -823,6 +828,10 @@ class DataReader:
         # Dot-unstuffing; ``replace`` hands back the same object when there
         # is nothing to replace, so no separate search first.
         region = region.replace(b"\r\n.", b"\r\n")
+        # Measured after unstuffing: the limit is on the line's text.
+        if _has_long_line(region, TEXT_LINE_LIMIT):
+            self._fail(Reply(500, "5.5.2", "Line too long"))
+            return
         if self._first:
             self._first = False
             region = region[2:]

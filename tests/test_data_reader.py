@@ -35,18 +35,25 @@ class Collector:
         return b"".join(self.parts)
 
 
-def reference(stream: bytes) -> tuple[bytes, bytes] | None:
-    """Line-by-line RFC 5321 reading: the content and what follows the
-    terminator, with bare CR/LF normalised to CRLF."""
+#: RFC 5321 4.5.3.1.6: characters in a text line, after dot-unstuffing.
+LINE_LIMIT = 998
+TOO_LONG = Reply(500, "5.5.2", "Line too long")
+
+
+def reference(stream: bytes) -> tuple[bytes, bytes, Reply | None] | None:
+    """Line-by-line RFC 5321 reading: the content, what follows the
+    terminator, and the error if a line (once unstuffed) is over 998
+    characters; bare CR/LF normalised to CRLF."""
     virtual = b"\r\n" + stream
     end = virtual.find(b"\r\n.\r\n")
     if end < 0:
         return None
     body = virtual[2:end + 2]
     body = re.sub(rb"\r\n|\r|\n", b"\r\n", body)
-    lines = body.split(b"\r\n")[:-1]
-    out = b"".join((line[1:] if line.startswith(b".") else line) + b"\r\n" for line in lines)
-    return out, virtual[end + 5:]
+    lines = [line[1:] if line.startswith(b".") else line for line in body.split(b"\r\n")[:-1]]
+    out = b"".join(line + b"\r\n" for line in lines)
+    error = TOO_LONG if any(len(line) > LINE_LIMIT for line in lines) else None
+    return out, virtual[end + 5:], error
 
 
 def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -97,8 +104,9 @@ class Framing(SynchronousTestCase):
         self.assertEqual(rest, after)
         self.assertIsNone(c.reader.error)
 
-    @settings(max_examples=300, deadline=None)
-    @given(st.lists(st.sampled_from([b"a", b"\r", b"\n", b".", b"\r\n", b"\r\n.\r\n", b"x" * 7]),
+    @settings(max_examples=500, deadline=None)
+    @given(st.lists(st.sampled_from([b"a", b"\r", b"\n", b".", b"\r\n", b"\r\n.\r\n", b"x" * 7,
+                                     b"y" * 499, b"z" * 997]),
                     max_size=40),
            st.lists(st.integers(0, 10_000), max_size=12))
     def test_arbitrary_endings_agree_with_reference(self, atoms: list[bytes],
@@ -106,9 +114,12 @@ class Framing(SynchronousTestCase):
         stream = b"".join(atoms) + b"\r\n.\r\n"
         expected = reference(stream)
         assert expected is not None
+        content, after, error = expected
         c = Collector()
         rest = c.feed_all(chunked(stream, cuts))
-        self.assertEqual((c.content, rest), expected)
+        self.assertEqual((rest, c.reader.error), (after, error))
+        if error is None:
+            self.assertEqual(c.content, content)
 
     def test_size_limit_reads_to_the_end(self) -> None:
         c = Collector(max_size=100)
@@ -146,6 +157,59 @@ class Framing(SynchronousTestCase):
         reader = DataReader(sink, lambda: None, 10**6)
         self.assertEqual(reader.feed(b"a\r\nb\r\n.\r\n"), b"")
         self.assertEqual(reader.error, Reply(552, "5.3.4", "Header section too large"))
+
+
+class LineLimit(SynchronousTestCase):
+    """998 characters after unstuffing: exactly at the limit on both sides
+    of it, with and without a stuffed dot, however the stream is cut."""
+
+    def _read(self, chunks: list[bytes]) -> Collector:
+        c = Collector()
+        self.assertEqual(c.feed_all(chunks), b"NOOP\r\n")
+        return c
+
+    def test_boundary_any_cut(self) -> None:
+        for length in (997, 998, 999, 1000):
+            for stuffed in (False, True):
+                text = (b"." if stuffed else b"") + b"a" * (length - stuffed)
+                sent = (b"." if stuffed else b"") + text
+                stream = b"ok\r\n" + sent + b"\r\nend\r\n.\r\nNOOP\r\n"
+                for cut in range(len(stream)):
+                    c = self._read([stream[:cut], stream[cut:]])
+                    if length <= LINE_LIMIT:
+                        self.assertIsNone(c.reader.error, (length, stuffed, cut))
+                        self.assertEqual(c.content, b"ok\r\n" + text + b"\r\nend\r\n")
+                    else:
+                        self.assertEqual(c.reader.error, TOO_LONG, (length, stuffed, cut))
+                for size in (1, 2, 3, 7, 64, 997, 998, 999, 1000, 1001, 4096):
+                    c = self._read([stream[i:i + size] for i in range(0, len(stream), size)])
+                    expected = None if length <= LINE_LIMIT else TOO_LONG
+                    self.assertEqual(c.reader.error, expected, (length, stuffed, size))
+
+    def test_examples(self) -> None:
+        self.assertIsNone(self._read([b"a" * 998 + b"\r\n.\r\nNOOP\r\n"]).reader.error)
+        self.assertIsNone(self._read([b"." + b"a" * 998 + b"\r\n.\r\nNOOP\r\n"]).reader.error)
+        self.assertEqual(self._read([b"a" * 999 + b"\r\n.\r\nNOOP\r\n"]).reader.error,
+                         TOO_LONG)
+        self.assertEqual(self._read([b"." + b"a" * 999 + b"\r\n.\r\nNOOP\r\n"]).reader.error,
+                         TOO_LONG)
+        # bare CR endings are lines too: 2,000 characters of short lines pass
+        self.assertIsNone(self._read([b"abc\r" * 500 + b"\r\n.\r\nNOOP\r\n"]).reader.error)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.tuples(st.integers(990, 1002), st.booleans()), min_size=1, max_size=4),
+           st.lists(st.integers(0, 5_000), max_size=8))
+    def test_near_the_limit_agrees_with_reference(self, lines: list[tuple[int, bool]],
+                                                  cuts: list[int]) -> None:
+        stream = b"".join((b".." if dot else b"") + b"b" * (n - dot) + b"\r\n"
+                          for n, dot in lines) + b".\r\nNOOP\r\n"
+        expected = reference(stream)
+        assert expected is not None
+        c = Collector()
+        rest = c.feed_all(chunked(stream, cuts))
+        self.assertEqual((rest, c.reader.error), (expected[1], expected[2]))
+        if expected[2] is None:
+            self.assertEqual(c.content, expected[0])
 
 
 class LongLines(SynchronousTestCase):

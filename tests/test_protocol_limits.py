@@ -106,3 +106,29 @@ class RepliesOnTheWire(unittest.TestCase):
                 _check_line(self, line, steps)
         [line] = await in_thread(talk, cases[0])
         self.assertEqual(line, b"555 5.5.4 Unsupported option: X" + b"Y" * 60 + b"...")
+
+
+class DataLines(unittest.TestCase):
+    async def test_text_line_limit_after_unstuffing(self) -> None:
+        """998 characters pass, 999 are refused at the end of DATA; a
+        stuffed dot does not count."""
+        from tests.support import message
+
+        relay = RelayUnderTest(self)
+        bodies = {b"a" * 998: "250 ", b"a" * 999: "500 5.5.2 Line too long",
+                  b".." + b"a" * 997: "250 ", b".." + b"a" * 998: "500 5.5.2 Line too long"}
+
+        def send(body: bytes) -> tuple[str, str]:
+            c = relay.raw().ready()
+            c.cmd("MAIL FROM:<app@example.com>")
+            c.cmd("RCPT TO:<a@example.org>")
+            c.cmd("DATA")
+            answer = c.cmd(message(to="a@example.org") + body + b"\r\n.")
+            after = c.cmd("NOOP")
+            c.close()
+            return answer, after
+
+        for body, expected in bodies.items():
+            answer, after = await in_thread(send, body)
+            self.assertTrue(answer.startswith(expected), (len(body), answer))
+            self.assertEqual(after, "250 2.0.0 Ok")
