@@ -54,9 +54,14 @@ __all__ = [
     "DEFAULT_MAX_BODY",
     "BadRequest",
     "ClientInfo",
+    "Instant",
     "ReferenceAPI",
     "SendMetadata",
+    "SendPage",
+    "SendQuery",
     "StoredSend",
+    "address_key",
+    "page_sql",
 ]
 
 DEFAULT_MAX_BODY = 60 * 1024 * 1024
@@ -230,6 +235,8 @@ class StoredSend:
     received_at: str
     #: The message's size in bytes.
     size: int
+    #: The message's Subject field as written (RFC 2047 words not decoded).
+    subject: str | None = None
 
     @property
     def id(self) -> str:
@@ -423,13 +430,28 @@ CREATE TABLE IF NOT EXISTS send_tags (
     seq INTEGER NOT NULL REFERENCES sends (seq) ON DELETE CASCADE,
     PRIMARY KEY (tag, seq)
 ) WITHOUT ROWID;
-PRAGMA user_version = 1;
+"""
+
+#: Version 2 adds what the reports' filters and pages use: the recipients and
+#: the received time indexed, and the Subject kept apart from the message BLOB.
+_SCHEMA_2 = """
+ALTER TABLE sends ADD COLUMN subject TEXT;
+CREATE TABLE send_recipients (
+    address TEXT NOT NULL,
+    seq INTEGER NOT NULL REFERENCES sends (seq) ON DELETE CASCADE,
+    PRIMARY KEY (address, seq)
+) WITHOUT ROWID;
+CREATE INDEX sends_received_at ON sends (received_at);
 """
 
 _COLUMNS = (
     "id, idempotency_key, customer, user, mail_from, return_path, rcpt_to, bcc, flags, "
-    "bcc_flags, tags, client, message_id, received_at, size"
+    "bcc_flags, tags, client, message_id, received_at, size, subject"
 )
+#: How much of a message's start is searched for its Subject field.
+_SUBJECT_HEAD = 64 * 1024
+#: The longest Subject kept for the reports (a longer one is cut).
+_SUBJECT_MAX = 2000
 
 
 def _connect(database: pathlib.Path) -> sqlite3.Connection:
@@ -441,7 +463,63 @@ def _connect(database: pathlib.Path) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous = FULL")
     conn.execute("PRAGMA foreign_keys = ON")
     conn.executescript(_SCHEMA)
+    _migrate(conn)
     return conn
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a version 0 (new) or 1 database to version 2, once.
+
+    Under the write lock, and the version read again under it, so that two
+    processes opening one old database migrate it once.  Existing sends get
+    their recipients and Subject from their stored metadata and message.
+    """
+    if conn.execute("PRAGMA user_version").fetchone()[0] >= 2:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if conn.execute("PRAGMA user_version").fetchone()[0] < 2:
+            for statement in _SCHEMA_2.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            rows = conn.execute("SELECT seq, rcpt_to, bcc, size FROM sends").fetchall()
+            for seq, to, bcc, size in rows:
+                with conn.blobopen("sends", "message", seq, readonly=True) as blob:
+                    head = blob.read(min(size, _SUBJECT_HEAD))
+                conn.execute("UPDATE sends SET subject = ? WHERE seq = ?", (_subject(head), seq))
+                _insert_recipients(conn, seq, to, bcc)
+            conn.execute("PRAGMA user_version = 2")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def address_key(address: str) -> str:
+    """An address as the ``to`` filter compares it: lower case, no ``<>``.
+
+    Case-insensitive as a person expects, though a local part may in
+    theory be case-sensitive: support looks up a customer's address, and
+    no receiving system of note tells ``Ann@`` from ``ann@``.
+    """
+    key = address.strip()
+    if key.startswith("<") and key.endswith(">"):
+        key = key[1:-1].strip()
+    return key.lower()
+
+
+def _insert_recipients(conn: sqlite3.Connection, seq: int, to: str, bcc: str | None) -> None:
+    keys = {address_key(to)} | ({address_key(bcc)} if bcc is not None else set())
+    conn.executemany(
+        "INSERT OR IGNORE INTO send_recipients (address, seq) VALUES (?, ?)",
+        [(key, seq) for key in sorted(keys)],
+    )
+
+
+def _subject(head: bytes) -> str | None:
+    """The raw (still RFC 2047 encoded) Subject of a message's start, or None."""
+    raw = reports.header_field(reports.split_message(head)[0], b"subject")
+    return None if raw is None else raw.decode("utf-8", "replace")[:_SUBJECT_MAX]
 
 
 @attrs.frozen
@@ -468,12 +546,14 @@ def _insert_send(
     try:
         end = _message_end(body, start, boundary)
         size = end - start
-        received_at = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        body.seek(start)
+        subject = _subject(body.read(min(size, _SUBJECT_HEAD)))
         conn.execute("BEGIN IMMEDIATE")
         try:
+            received_at = _received_at(conn)
             cursor = conn.execute(
                 f"INSERT INTO sends ({_COLUMNS}, message) "  # noqa: S608 (constant columns)
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, zeroblob(?))",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, zeroblob(?))",
                 (
                     meta.id,
                     key,
@@ -490,11 +570,13 @@ def _insert_send(
                     meta.message_id,
                     received_at,
                     size,
+                    subject,
                     size,
                 ),
             )
             seq = cursor.lastrowid
             assert seq is not None
+            _insert_recipients(conn, seq, meta.to, meta.bcc)
             conn.executemany(
                 "INSERT OR IGNORE INTO send_tags (tag, seq) VALUES (?, ?)",
                 [(tag, seq) for tag in meta.tags],
@@ -529,9 +611,30 @@ def _insert_send(
         body.close()
 
 
+def _received_at(conn: sqlite3.Connection) -> str:
+    """Now, but never before the last stored send's time (inside the write lock).
+
+    So that ``received_at`` never decreases in storage order, even when the
+    clock steps back or two processes write: a time range is then one range
+    of storage order, found through the index (see :func:`_seq_at`).
+    """
+    now = _stamp(datetime.datetime.now(datetime.UTC))
+    row = conn.execute("SELECT received_at FROM sends ORDER BY seq DESC LIMIT 1").fetchone()
+    return now if row is None or row[0] <= now else str(row[0])
+
+
+def _stamp(when: datetime.datetime) -> str:
+    """The stored form of a time: RFC 3339, UTC, microseconds, fixed width.
+
+    Fixed width so that text order is time order, in SQL too.
+    """
+    utc = when.astimezone(datetime.UTC).replace(tzinfo=None)
+    return utc.isoformat(timespec="microseconds") + "Z"
+
+
 def _row_to_send(row: Sequence[Any]) -> StoredSend:
     (send_id, key, customer, user, mail_from, return_path, to, bcc, flags, bcc_flags) = row[:10]
-    tags, client, message_id, received_at, size = row[10:]
+    tags, client, message_id, received_at, size, subject = row[10:]
     c = json.loads(client)
     return StoredSend(
         metadata=SendMetadata(
@@ -553,18 +656,8 @@ def _row_to_send(row: Sequence[Any]) -> StoredSend:
         idempotency_key=key,
         received_at=received_at,
         size=size,
+        subject=subject,
     )
-
-
-def _select_sends(conn: sqlite3.Connection, tags: Sequence[str], limit: int) -> list[StoredSend]:
-    # One sub-select per tag: a send matches only when it has every tag.
-    where = " AND ".join("seq IN (SELECT seq FROM send_tags WHERE tag = ?)" for _ in tags)
-    sql = (
-        f"SELECT {_COLUMNS} FROM sends "  # noqa: S608 (constant SQL, values are parameters)
-        + (f"WHERE {where} " if where else "")
-        + "ORDER BY seq DESC LIMIT ?"
-    )
-    return [_row_to_send(row) for row in conn.execute(sql, (*tags, limit))]
 
 
 def _select_send(conn: sqlite3.Connection, send_id: str) -> StoredSend | None:
@@ -594,6 +687,287 @@ def _select_send_preview(
         return None
     message = _select_message(conn, send_id, limit)
     return (send, message or b"")
+
+
+# --------------------------------------------------------------------------
+# The reports' list: its query parameters, checked (pure), and the page they
+# select (on the database thread).  Paging is by storage order (``seq``),
+# which is what "newest first" has always meant here: a send id is minted by
+# the relay before the send is stored, so a late retry can store an older id
+# after newer ones, and paging by id would slot it into pages already seen.
+# By storage order a walk of ``next`` cursors sees every send stored before
+# it began exactly once, and nothing stored since.
+
+_LIST_PARAMETERS = ("tag", "limit", "before", "after", "since", "until", "to")
+#: The HTML form's fields: left empty, they are absent (any other is an error).
+_FORM_FIELDS = frozenset(("tag", "since", "until", "to"))
+#: Longer than any address (RFC 5321 allows 256 octets of path).
+_ADDRESS_MAX = 320
+_TIMESTAMP = re.compile(
+    r"(?P<date>\d{4}-\d\d-\d\d)"
+    r"(?:[Tt ](?P<time>\d\d:\d\d:\d\d)(?:\.(?P<fraction>\d{1,9}))?"
+    r"(?P<zone>[Zz]|[+ -](?:[01]\d|2[0-3]):[0-5]\d))?"
+)
+
+
+@attrs.frozen
+class Instant:
+    """A ``since`` or ``until`` bound: as given, and in stored form."""
+
+    #: As the client wrote it (shown again in the HTML form).
+    text: str
+    #: Comparable with ``received_at`` (see :func:`_stamp`).
+    stored: str
+
+
+@attrs.frozen
+class SendQuery:
+    """What the list of sends was asked for, every value checked.
+
+    ``since`` is inclusive and ``until`` exclusive, so that consecutive
+    ranges (a day, the next day) never count a send twice.  ``before``
+    and ``after`` are send ids: the page holds the sends stored just before
+    (older than) or just after (newer than) that one, newest first.
+    """
+
+    tags: tuple[str, ...] = ()
+    limit: int = DEFAULT_LIMIT
+    before: str | None = None
+    after: str | None = None
+    since: Instant | None = None
+    until: Instant | None = None
+    #: An :func:`address_key`, matched against the To and the BCC recipient.
+    to: str | None = None
+
+    @classmethod
+    def from_args(cls, args: Mapping[bytes, Sequence[bytes]]) -> SendQuery:
+        """Check the query string's parameters; raise :class:`BadRequest`.
+
+        The message names the parameter.  Unknown parameters are refused,
+        so that a misspelt filter is not silently a list of everything.
+        Empty values (unused form fields) count as absent.
+        """
+        values: dict[str, list[str]] = {}
+        for raw_name, raw_values in args.items():
+            name = raw_name.decode("utf-8", "replace")
+            if name not in _LIST_PARAMETERS:
+                raise BadRequest(f"{name}: unknown parameter; known: {', '.join(_LIST_PARAMETERS)}")
+            try:
+                given = [v.decode("utf-8") for v in raw_values]
+            except UnicodeDecodeError:
+                raise BadRequest(f"{name}: must be UTF-8") from None
+            values[name] = [v for v in given if v] if name in _FORM_FIELDS else given
+        one = functools.partial(_one, values)
+        tags = values.get("tag", [])
+        if len(tags) > MAX_TAG_FILTERS:
+            raise BadRequest(f"tag: at most {MAX_TAG_FILTERS} tags")
+        before, after = one("before"), one("after")
+        for name, cursor in (("before", before), ("after", after)):
+            if cursor is not None and not SEND_ID.fullmatch(cursor):
+                raise BadRequest(f"{name}: must be a send id (1 to 64 of [A-Za-z0-9_-])")
+        if before is not None and after is not None:
+            raise BadRequest("before: give before or after, not both")
+        since, until = _instant("since", one("since")), _instant("until", one("until"))
+        if since is not None and until is not None and since.stored >= until.stored:
+            raise BadRequest("until: must be later than since (since is inclusive, until not)")
+        return cls(
+            tags=tuple(dict.fromkeys(tags)),
+            limit=_limit(one("limit")),
+            before=before,
+            after=after,
+            since=since,
+            until=until,
+            to=_to(one("to")),
+        )
+
+    def filters(self) -> list[tuple[str, str]]:
+        """The parameters of this list less the cursor: for links to its pages."""
+        pairs = [("tag", t) for t in self.tags]
+        if self.to is not None:
+            pairs.append(("to", self.to))
+        for name, bound in (("since", self.since), ("until", self.until)):
+            if bound is not None:
+                pairs.append((name, bound.text))
+        return [*pairs, ("limit", str(self.limit))]
+
+
+def _one(values: Mapping[str, list[str]], name: str) -> str | None:
+    given = values.get(name, [])
+    if len(given) > 1:
+        raise BadRequest(f"{name}: give it once")
+    return given[0] if given else None
+
+
+def _limit(value: str | None) -> int:
+    if value is None:
+        return DEFAULT_LIMIT
+    if not (value.isascii() and value.isdigit() and 1 <= int(value[:5]) <= MAX_LIMIT):
+        raise BadRequest(f"limit: must be an integer from 1 to {MAX_LIMIT}")
+    return int(value)
+
+
+def _to(value: str | None) -> str | None:
+    if value is None:
+        return None
+    key = address_key(value)
+    printable = all(c.isprintable() and not c.isspace() for c in key)
+    if len(key) > _ADDRESS_MAX or "@" not in key or not printable:
+        raise BadRequest("to: must be one email address, local@domain")
+    return key
+
+
+def _instant(name: str, value: str | None) -> Instant | None:
+    """An RFC 3339 date-time with its offset, or a date (midnight UTC).
+
+    Fractions finer than the stored microseconds round up, which keeps
+    both the inclusive and the exclusive bound exact.  A space where the
+    offset's sign goes is read as ``+``: it is what an unencoded ``+``
+    becomes in a query string.  A leap second is read as the next second.
+    """
+    if value is None:
+        return None
+    match = _TIMESTAMP.fullmatch(value)
+    try:
+        if match is None:
+            raise ValueError(value)
+        date = datetime.date.fromisoformat(match["date"])
+        when = datetime.datetime(date.year, date.month, date.day, tzinfo=datetime.UTC)
+        if match["time"] is not None:
+            hour, minute, second = (int(x) for x in match["time"].split(":"))
+            zone = match["zone"].upper().replace(" ", "+").replace("Z", "+00:00")
+            offset = datetime.timedelta(hours=int(zone[1:3]), minutes=int(zone[4:]))
+            leap = second == 60
+            when = datetime.datetime(
+                date.year,
+                date.month,
+                date.day,
+                hour,
+                minute,
+                59 if leap else second,
+                tzinfo=datetime.timezone(-offset if zone[0] == "-" else offset),
+            )
+            nanoseconds = int((match["fraction"] or "0").ljust(9, "0"))
+            when += datetime.timedelta(seconds=leap, microseconds=-(-nanoseconds // 1000))
+        stored = _stamp(when)
+    except (ValueError, OverflowError):
+        raise BadRequest(
+            f"{name}: must be an RFC 3339 date-time with an offset "
+            "(2025-01-02T03:04:05Z, 2025-01-02T05:04:05+02:00) or a date (2025-01-02, UTC)"
+        ) from None
+    return Instant(text=value, stored=stored)
+
+
+@attrs.frozen
+class SendPage:
+    """One page of the list, newest first, and the cursors to its neighbours."""
+
+    sends: tuple[StoredSend, ...]
+    #: Pass as ``before`` for the next (older) page; None when there is none.
+    next: str | None
+    #: Pass as ``after`` for the previous (newer) page; None when there is none.
+    prev: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sends": [s.to_json() for s in self.sends], "next": self.next, "prev": self.prev}
+
+
+def page_sql(
+    query: SendQuery, low: int | None, high: int | None, *, newest_first: bool, limit: int
+) -> tuple[str, list[object]]:
+    """The SELECT of the matching sends with ``low <= seq < high``, in order.
+
+    It walks one index in ``seq`` order and stops after ``limit`` rows, so
+    a page costs about its size, not the store's: the recipient index when
+    ``to`` is given, else the first tag's, else the table itself.  Further
+    tags are looked up per candidate row in ``send_tags``' primary key.
+    Each row starts with its ``seq``.
+    """
+    params: list[object] = []
+    tags = list(query.tags)
+    if query.to is not None:
+        source, where = "send_recipients d JOIN sends s ON s.seq = d.seq", ["d.address = ?"]
+        params.append(query.to)
+    elif tags:
+        source, where = "send_tags d JOIN sends s ON s.seq = d.seq", ["d.tag = ?"]
+        params.append(tags.pop(0))
+    else:
+        source, where = "sends d", []
+    for tag in tags:
+        where.append("EXISTS (SELECT 1 FROM send_tags t WHERE t.tag = ? AND t.seq = d.seq)")
+        params.append(tag)
+    if low is not None:
+        where.append("d.seq >= ?")
+        params.append(low)
+    if high is not None:
+        where.append("d.seq < ?")
+        params.append(high)
+    sql = (
+        f"SELECT d.seq, {_COLUMNS} FROM {source}"  # noqa: S608 (constant SQL, values are parameters)
+        + (" WHERE " + " AND ".join(where) if where else "")
+        + f" ORDER BY d.seq {'DESC' if newest_first else 'ASC'} LIMIT ?"
+    )
+    return sql, [*params, limit]
+
+
+def _select_page(conn: sqlite3.Connection, query: SendQuery) -> SendPage:
+    """The page ``query`` asks for; :class:`BadRequest` for an unknown cursor."""
+    low, high = _seq_at(conn, query.since), _seq_at(conn, query.until)
+    if query.since is not None and low is None:
+        return SendPage((), None, None)  # Nothing was stored since then.
+    cursor = _cursor_seq(conn, query)
+    older = query.after is None
+    first, last = low, high
+    if cursor is not None and older:
+        last = cursor if last is None else min(last, cursor)
+    elif cursor is not None:
+        first = cursor + 1 if first is None else max(first, cursor + 1)
+
+    def rows(low: int | None, high: int | None, newest_first: bool, limit: int) -> list[Any]:
+        sql, params = page_sql(query, low, high, newest_first=newest_first, limit=limit)
+        return conn.execute(sql, params).fetchall()
+
+    found = rows(first, last, older, query.limit + 1)
+    more, found = len(found) > query.limit, found[: query.limit]
+    if not older:
+        found.reverse()
+    if not found:
+        return SendPage((), None, None)
+    newest, oldest = found[0], found[-1]
+    if older:
+        later = cursor is not None and bool(rows(newest[0] + 1, high, False, 1))
+        earlier = more
+    else:
+        later, earlier = more, bool(rows(low, oldest[0], True, 1))
+    return SendPage(
+        sends=tuple(_row_to_send(row[1:]) for row in found),
+        next=oldest[1] if earlier else None,
+        prev=newest[1] if later else None,
+    )
+
+
+def _cursor_seq(conn: sqlite3.Connection, query: SendQuery) -> int | None:
+    name, send_id = ("before", query.before) if query.after is None else ("after", query.after)
+    if send_id is None:
+        return None
+    row = conn.execute("SELECT seq FROM sends WHERE id = ?", (send_id,)).fetchone()
+    if row is None:
+        raise BadRequest(f"{name}: no send {send_id!r}")
+    return int(row[0])
+
+
+def _seq_at(conn: sqlite3.Connection, bound: Instant | None) -> int | None:
+    """The first send stored at or after ``bound``, by the received-time index.
+
+    ``received_at`` never decreases in storage order (:func:`_received_at`),
+    so every send from this one on is at or after ``bound`` and none before.
+    """
+    if bound is None:
+        return None
+    row = conn.execute(
+        "SELECT seq FROM sends WHERE received_at >= ? ORDER BY received_at, seq LIMIT 1",
+        (bound.stored,),
+    ).fetchone()
+    return None if row is None else int(row[0])
 
 
 @attrs.define
@@ -745,27 +1119,15 @@ class _Config:
     max_body: int
 
 
-def _query_limit(request: _Request) -> int:
-    values = (request.args or {}).get(b"limit", [])
-    if not values:
-        return DEFAULT_LIMIT
-    if len(values) > 1:
-        raise BadRequest("limit: give it once")
-    value = values[0]
-    if not value.isdigit() or len(value) > 4 or not 1 <= int(value) <= MAX_LIMIT:
-        raise BadRequest(f"limit: must be an integer from 1 to {MAX_LIMIT}")
-    return int(value)
+def _list_query(request: _Request) -> SendQuery:
+    return SendQuery.from_args(request.args or {})
 
 
-def _query_tags(request: _Request) -> list[str]:
-    """The ``tag`` filters; empty ones (an unused form field) are ignored."""
-    try:
-        tags = [t.decode("utf-8") for t in (request.args or {}).get(b"tag", []) if t]
-    except UnicodeDecodeError:
-        raise BadRequest("tag: must be UTF-8") from None
-    if len(tags) > MAX_TAG_FILTERS:
-        raise BadRequest(f"tag: at most {MAX_TAG_FILTERS} tags")
-    return list(dict.fromkeys(tags))
+def _bad_cursor(failure: Failure, render: Callable[[int, str], _Response]) -> _Response | Failure:
+    """An unknown ``before``/``after`` id is found out on the database thread."""
+    if isinstance(failure.value, BadRequest):
+        return render(400, str(failure.value))
+    return failure
 
 
 class _Sends(_Resource):
@@ -788,13 +1150,13 @@ class _Sends(_Resource):
 
     def list_sends(self, request: _Request) -> bytes | int:
         try:
-            tags, limit = _query_tags(request), _query_limit(request)
+            query = _list_query(request)
         except BadRequest as e:
             return _error(400, str(e)).render(request)
-        d = self.config.db.run(_select_sends, tags, limit)
-        return _later(
-            request, d.addCallback(lambda s: _json(200, {"sends": [x.to_json() for x in s]}))
+        d = self.config.db.run(_select_page, query).addCallbacks(
+            lambda page: _json(200, page.to_json()), _bad_cursor, errbackArgs=(_error,)
         )
+        return _later(request, d)
 
     def create_send(self, request: _Request) -> bytes | int:
         config = self.config
@@ -915,7 +1277,7 @@ class _Message(_OneSend):
 
 
 class _Index(_Resource):
-    """``/``: the sends, newest first, with a tag filter."""
+    """``/``: the sends, newest first, with the list's filters and paging."""
 
     html = True
     isLeaf = True
@@ -931,13 +1293,15 @@ class _Index(_Resource):
         if request.postpath:
             return _html_error(404, "no such page").render(request)
         try:
-            tags, limit = _query_tags(request), _query_limit(request)
+            query = _list_query(request)
         except BadRequest as e:
             return _html_error(400, str(e)).render(request)
-        d = self.config.db.run(_select_sends, tags, limit)
-        return _later(
-            request, d.addCallback(lambda s: _html(200, reports.render_index(s, tags, limit)))
+        d = self.config.db.run(_select_page, query).addCallbacks(
+            lambda page: _html(200, reports.render_index(page, query)),
+            _bad_cursor,
+            errbackArgs=(_html_error,),
         )
+        return _later(request, d)
 
 
 class _SendPages(_Resource):

@@ -6,7 +6,8 @@ customers' systems (tags, addresses, headers, bodies) and is hostile input,
 so every interpolated value goes through :func:`html.escape` and the pages
 are served with :data:`CONTENT_SECURITY_POLICY`, which forbids scripts,
 images, frames and forms posting elsewhere even if escaping were ever missed.
-No JavaScript is needed: the tag filter is a plain GET form.
+No JavaScript is needed: the filters are a plain GET form and the pages
+plain links.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote, urlencode
 
 if TYPE_CHECKING:
-    from mxmrelay.refapi import StoredSend
+    from mxmrelay.refapi import SendPage, SendQuery, StoredSend
 
 CONTENT_SECURITY_POLICY = b"default-src 'none'; style-src 'unsafe-inline'"
 
@@ -47,6 +48,7 @@ th, td { text-align: left; vertical-align: top; padding: .3em .5em;
          border-bottom: 1px solid #ddd; overflow-wrap: break-word; }
 thead th { background: #f3f3f3; white-space: nowrap; }
 td.id, td.received { white-space: nowrap; }
+nav.pages { margin: 1em 0; }
 td.tags, td.value { overflow-wrap: anywhere; }
 table.meta th, table.headers th { width: 12em; white-space: nowrap; }
 .tag { display: inline-block; background: #eef; border-radius: 3px;
@@ -100,44 +102,111 @@ def _tags(tags: Sequence[str]) -> str:
     return " ".join(_tag_link(t) for t in tags)
 
 
-def render_index(sends: Sequence[StoredSend], tags: Sequence[str], limit: int) -> bytes:
-    """The list of sends, newest first, with the tag filter form."""
-    out = ["<h1>Transactional sends</h1>\n"]
-    out.append('<form class="filter" method="get" action="/"><label>Tags (all must match): ')
-    out.extend(f'<input name="tag" value="{_e(t)}">' for t in tags)
-    out.append('<input name="tag" value="" placeholder="tag"></label>')
-    out.append(f'<input type="hidden" name="limit" value="{_e(limit)}">')
-    out.append('<button type="submit">Filter</button> <a href="/">Clear</a></form>\n')
+def render_index(page: SendPage, query: SendQuery) -> bytes:
+    """The list of sends, newest first, with the filter form and page links."""
+    sends = page.sends
+    out = ["<h1>Transactional sends</h1>\n", _filter_form(query)]
     shown = f"{len(sends)} send{'' if len(sends) == 1 else 's'}, newest first"
-    if tags:
-        shown += ", tagged " + ", ".join(f"<q>{_e(t)}</q>" for t in tags)
-    if len(sends) == limit:
-        shown += f" (at most {_e(limit)})"
+    if query.tags:
+        shown += ", tagged " + ", ".join(f"<q>{_e(t)}</q>" for t in query.tags)
+    if query.to is not None:
+        shown += f", to or BCC <q>{_e(query.to)}</q>"
+    if query.since is not None:
+        shown += f", received from {_e(query.since.text)}"
+    if query.until is not None:
+        shown += f", received before {_e(query.until.text)}"
+    if len(sends) == query.limit:
+        shown += f" (at most {_e(query.limit)} a page)"
     out.append(f'<p class="summary">{shown}.</p>\n')
     if not sends:
         out.append('<p class="empty">No sends.</p>')
-        return _page("Transactional sends", out)
-    out.append(
-        '<table id="sends"><thead><tr><th>ID</th><th>Received</th><th>Customer</th>'
-        "<th>From</th><th>To</th><th>BCC</th><th>Flags</th><th>Tags</th></tr></thead>\n<tbody>\n"
-    )
-    for send in sends:
-        m = send.metadata
-        href = "/sends/" + quote(m.id, safe="")
+    else:
         out.append(
-            f'<tr class="send" id="send-{_e(m.id)}">'
-            f'<td class="id"><a href="{_e(href)}"><code>{_e(m.id)}</code></a></td>'
-            f'<td class="received"><time datetime="{_e(send.received_at)}">'
-            f"{_e(_when(send.received_at))}</time></td>"
-            f'<td class="customer">{_e(m.customer)}</td>'
-            f'<td class="from">{_e(m.mail_from)}</td>'
-            f'<td class="to">{_e(m.to)}</td>'
-            f'<td class="bcc">{_e(m.bcc or "")}</td>'
-            f'<td class="flags" title="{_e(m.flags)}">{_e(describe_flags(m.flags))}</td>'
-            f'<td class="tags">{_tags(m.tags)}</td></tr>\n'
+            '<table id="sends"><thead><tr><th>ID</th><th>Received</th><th>Subject</th>'
+            "<th>Customer</th><th>From</th><th>To</th><th>BCC</th><th>Flags</th><th>Tags</th>"
+            "</tr></thead>\n<tbody>\n"
         )
-    out.append("</tbody></table>")
+        out.extend(_index_row(send) for send in sends)
+        out.append("</tbody></table>\n")
+    out.append(_page_links(page, query))
     return _page("Transactional sends", out)
+
+
+def _filter_form(query: SendQuery) -> str:
+    """A plain GET form: tags, recipient, received range (UTC); no cursor.
+
+    A date input when the bound is empty or a date, so people get a date
+    picker; a text input for a full timestamp, which a date input would
+    drop when the form is sent again.
+    """
+    out = ['<form class="filter" method="get" action="/"><label>Tags (all must match): ']
+    out.extend(f'<input name="tag" value="{_e(t)}">' for t in query.tags)
+    out.append('<input name="tag" value="" placeholder="tag"></label> ')
+    out.append(
+        '<label>To or BCC: <input type="search" name="to" id="to" '
+        f'value="{_e(query.to or "")}" placeholder="someone@example.org"></label> '
+    )
+    for name, label, bound in (
+        ("since", "Received from (UTC, inclusive)", query.since),
+        ("until", "before (UTC, exclusive)", query.until),
+    ):
+        text = "" if bound is None else bound.text
+        kind = "date" if _DATE.fullmatch(text) or not text else "text"
+        out.append(
+            f'<label>{_e(label)}: <input type="{kind}" name="{name}" id="{name}" '
+            f'value="{_e(text)}"></label> '
+        )
+    out.append(f'<input type="hidden" name="limit" value="{_e(query.limit)}">')
+    out.append('<button type="submit">Filter</button> <a href="/">Clear</a></form>\n')
+    return "".join(out)
+
+
+_DATE = re.compile(r"\d{4}-\d\d-\d\d")
+
+
+def _index_row(send: StoredSend) -> str:
+    m = send.metadata
+    href = "/sends/" + quote(m.id, safe="")
+    subject = (
+        '<span class="note">(no subject)</span>'
+        if send.subject is None
+        else _e(display_header(send.subject.encode("utf-8")))
+    )
+    return (
+        f'<tr class="send" id="send-{_e(m.id)}">'
+        f'<td class="id"><a href="{_e(href)}"><code>{_e(m.id)}</code></a></td>'
+        f'<td class="received"><time datetime="{_e(send.received_at)}">'
+        f"{_e(_when(send.received_at))}</time></td>"
+        f'<td class="subject">{subject}</td>'
+        f'<td class="customer">{_e(m.customer)}</td>'
+        f'<td class="from">{_e(m.mail_from)}</td>'
+        f'<td class="to">{_e(m.to)}</td>'
+        f'<td class="bcc">{_e(m.bcc or "")}</td>'
+        f'<td class="flags" title="{_e(m.flags)}">{_e(describe_flags(m.flags))}</td>'
+        f'<td class="tags">{_tags(m.tags)}</td></tr>\n'
+    )
+
+
+def _page_links(page: SendPage, query: SendQuery) -> str:
+    """Newer (``after`` the first send) and older (``before`` the last) pages.
+
+    The cursors come from the page, so a person paging back sees what was
+    stored before they started, however much arrives meanwhile.
+    """
+    links = []
+    if query.before is not None or query.after is not None:
+        links.append(f'<a id="newest" href="{_e(_index_href(query.filters()))}">Newest</a>')
+    if page.prev is not None:
+        href = _index_href([*query.filters(), ("after", page.prev)])
+        links.append(f'<a id="newer" rel="prev" href="{_e(href)}">← Newer</a>')
+    if page.next is not None:
+        href = _index_href([*query.filters(), ("before", page.next)])
+        links.append(f'<a id="older" rel="next" href="{_e(href)}">Older →</a>')
+    return f'<nav class="pages">{" · ".join(links)}</nav>' if links else ""
+
+
+def _index_href(params: Sequence[tuple[str, str]]) -> str:
+    return "/?" + urlencode(params)
 
 
 def render_send(send: StoredSend, message: bytes) -> bytes:
@@ -221,6 +290,17 @@ def parse_headers(block: bytes) -> list[tuple[str, str]]:
     Decoding never fails: bad UTF-8 and bad encoded-words are shown as they
     are (with U+FFFD), because this page is for looking at what was sent.
     """
+    return [(n.decode("utf-8", "replace"), display_header(v)) for n, v in _fields(block)]
+
+
+def header_field(block: bytes, name: bytes) -> bytes | None:
+    """The first ``name`` field's value, unfolded but not decoded, or None."""
+    wanted = name.lower()
+    return next((v for n, v in _fields(block) if n.lower() == wanted), None)
+
+
+def _fields(block: bytes) -> list[tuple[bytes, bytes]]:
+    """The header block's (name, value) pairs, values unfolded and stripped."""
     fields: list[tuple[bytes, bytes]] = []
     for line in re.split(rb"\r?\n", block):
         if line[:1] in (b" ", b"\t") and fields:
@@ -229,7 +309,7 @@ def parse_headers(block: bytes) -> list[tuple[str, str]]:
         elif line:
             name, _, value = line.partition(b":")
             fields.append((name.strip(), value.strip()))
-    return [(n.decode("utf-8", "replace"), display_header(v)) for n, v in fields]
+    return fields
 
 
 def display_header(value: bytes) -> str:

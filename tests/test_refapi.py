@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import datetime, timedelta, timezone
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote, urlsplit
 
 import yaml
 from jsonschema import Draft202012Validator
@@ -510,6 +512,127 @@ class Reports(APITestCase):
         self.assertEqual(ids[0], "s50")
 
 
+class Paging(APITestCase):
+    """``before``/``after`` cursors, ``since``/``until``, ``to``, and their 400s."""
+
+    async def page(self, query: str) -> dict[str, Any]:
+        response = await self.request("GET", "/v1/sends" + query)
+        self.assertEqual(response.code, 200, response.body)
+        page: dict[str, Any] = response.json()
+        self.assertEqual(set(page), {"sends", "next", "prev"})
+        return page
+
+    async def test_walk_while_sends_arrive(self) -> None:
+        """Every send stored before the walk, once, however many arrive during it."""
+        tags = {f"s{i:02}": ["t"] if i % 3 else ["t", "other"] for i in range(13)}
+        for send_id, send_tags in tags.items():
+            await self.store(send_id, tags=send_tags)
+        await self.store("untagged", tags=[])
+        self.assertEqual(await self.list_ids("?limit=500"), ["untagged", *reversed(tags)])
+        for query in ["?limit=5", "?tag=t&limit=4", "?tag=t&tag=other&limit=2"]:
+            # What one page of 500 shows when the walk starts (earlier walks
+            # stored sends too): the walk must show exactly these.
+            expected = await self.list_ids(query.split("limit")[0] + "limit=500")
+            seen: list[str] = []
+            page = await self.page(query)
+            self.assertIsNone(page["prev"])
+            pages = 0
+            while True:
+                seen += [s["id"] for s in page["sends"]]
+                pages += 1
+                # New sends, newer than the first page, arrive between pages.
+                await self.store(f"new-{pages}-{len(seen)}", tags=["t", "other"])
+                if page["next"] is None:
+                    break
+                self.assertEqual(page["next"], seen[-1])
+                page = await self.page(f"{query}&before={page['next']}")
+                self.assertEqual(page["prev"], page["sends"][0]["id"])
+            self.assertEqual(seen, expected, query)
+            self.assertGreater(pages, 2)
+
+    async def test_after_pages_back_towards_newer(self) -> None:
+        for i in range(7):
+            await self.store(f"s{i}")
+        page = await self.page("?limit=3&before=s3")
+        self.assertEqual([s["id"] for s in page["sends"]], ["s2", "s1", "s0"])
+        self.assertEqual((page["next"], page["prev"]), (None, "s2"))
+        page = await self.page("?limit=3&after=s2")
+        self.assertEqual([s["id"] for s in page["sends"]], ["s5", "s4", "s3"])
+        self.assertEqual((page["next"], page["prev"]), ("s3", "s5"))
+        page = await self.page("?limit=3&after=s5")
+        self.assertEqual([s["id"] for s in page["sends"]], ["s6"])
+        self.assertEqual((page["next"], page["prev"]), ("s6", None))
+        page = await self.page("?limit=3&before=s0")
+        self.assertEqual(page, {"sends": [], "next": None, "prev": None})
+
+    async def test_since_inclusive_until_exclusive(self) -> None:
+        for i in range(4):
+            await self.store(f"s{i}")
+        stamps = {s["id"]: s["received_at"] for s in (await self.page(""))["sends"]}
+        self.assertEqual(len(set(stamps.values())), 4)
+        at = stamps["s1"]
+        self.assertEqual(await self.list_ids(f"?since={at}"), ["s3", "s2", "s1"])
+        self.assertEqual(await self.list_ids(f"?until={at}"), ["s0"])
+        self.assertEqual(await self.list_ids(f"?since={at}&until={stamps['s3']}"), ["s2", "s1"])
+        # The same instant with an offset; a microsecond later excludes s1.
+        when = datetime.fromisoformat(at.replace("Z", "+00:00"))
+        shifted = when.astimezone(timezone(timedelta(hours=-5))).isoformat()
+        self.assertEqual(await self.list_ids("?since=" + quote(shifted)), ["s3", "s2", "s1"])
+        later = (when + timedelta(microseconds=1)).isoformat()
+        self.assertEqual(await self.list_ids("?since=" + quote(later)), ["s3", "s2"])
+        today = at[:10]
+        tomorrow = (when + timedelta(days=1)).date().isoformat()
+        day = f"?since={today}&until={tomorrow}&limit=2"
+        self.assertEqual(await self.list_ids(day), ["s3", "s2"])
+        self.assertEqual(await self.list_ids(f"?until={today}"), [])
+        self.assertEqual(await self.list_ids(f"?since={tomorrow}"), [])
+        # The range and the cursor together: the walk stays inside the range.
+        page = await self.page(f"?until={stamps['s3']}&limit=1&before=s2")
+        self.assertEqual(([s["id"] for s in page["sends"]], page["next"]), (["s1"], "s1"))
+
+    async def test_to_matches_the_recipient_or_the_bcc(self) -> None:
+        await self.store("a1", to="Ann@Example.org")
+        await self.store("b1", to="bob@example.org", bcc="ann@example.org", bcc_flags=0)
+        await self.store("b2", to="bob@example.org", tags=["reset"])
+        await self.store("a2", to="ann@example.org", tags=["reset"])
+        await self.store("a3", to="ann@example.org", bcc="ANN@example.org", bcc_flags=0)
+        await self.store("x", to="joann@example.org")
+        await self.store("y", to="ann@example.org.evil")
+        ann = ["a3", "a2", "b1", "a1"]
+        self.assertEqual(await self.list_ids("?to=ann@example.org"), ann)
+        self.assertEqual(await self.list_ids("?to=" + quote("<ANN@EXAMPLE.ORG>")), ann)
+        self.assertEqual(await self.list_ids("?to=ann@example.org&tag=reset"), ["a2"])
+        self.assertEqual(await self.list_ids("?to=bob@example.org&tag=reset"), ["b2"])
+        self.assertEqual(await self.list_ids("?to=nobody@example.org"), [])
+        page = await self.page("?to=ann@example.org&limit=2&before=a3")
+        self.assertEqual([s["id"] for s in page["sends"]], ["a2", "b1"])
+        self.assertEqual((page["next"], page["prev"]), ("b1", "a2"))
+
+    async def test_bad_parameters_are_400s_naming_them(self) -> None:
+        await self.store("s1")
+        for query, name in [
+            ("before=nope", "before"),
+            ("after=nope", "after"),
+            ("before=a.b", "before"),
+            ("before=", "before"),
+            ("before=s1&after=s1", "before"),
+            ("since=yesterday", "since"),
+            ("since=2025-01-02T03:04:05", "since"),
+            ("until=2025-13-01", "until"),
+            ("since=2025-01-02&until=2025-01-01", "until"),
+            ("to=ann", "to"),
+            ("to=a@x&to=b@x", "to"),
+            ("to=%FF@x", "to"),
+            ("limit=1&limit=2", "limit"),
+            ("cursor=s1", "cursor"),
+        ]:
+            response = await self.request("GET", "/v1/sends?" + query)
+            await self.assert_error(response, 400, f"^{name}: ")
+            page = await self.request("GET", "/?" + query)
+            self.assertEqual(page.code, 400, query)
+            self.assertIn(f"{name}: ", page.body.decode())
+
+
 HOSTILE_TAG = '<script>alert("tag")</script>'
 HOSTILE_SUBJECT = "<img src=x onerror=alert(1)> & <script>alert(2)</script>"
 HOSTILE_NAME = '"<img src=x onerror=alert(3)>" <app@example.com>'
@@ -585,6 +708,91 @@ class Pages(APITestCase):
         self.assertIn("limit", response.body.decode())
 
 
+class IndexPage(HTMLParser):
+    """What a test reads of the HTML list: row ids, subjects, links by id, inputs."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.rows: list[str] = []
+        self.subjects: list[str] = []
+        self.links: dict[str, str] = {}
+        self.inputs: dict[str, str] = {}
+        self._in_subject = False
+        self.feed(html)
+        self.close()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k: v or "" for k, v in attrs}
+        if tag == "tr" and a.get("class") == "send":
+            self.rows.append(a["id"].removeprefix("send-"))
+        elif tag == "td" and a.get("class") == "subject":
+            self._in_subject = True
+            self.subjects.append("")
+        elif tag == "a" and "id" in a:
+            self.links[a["id"]] = a["href"]
+        elif tag == "input" and a.get("name") not in (None, "tag"):
+            self.inputs[a["name"]] = a.get("value", "")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "td":
+            self._in_subject = False
+
+    def handle_data(self, data: str) -> None:
+        if self._in_subject:
+            self.subjects[-1] += data
+
+
+class IndexPaging(APITestCase):
+    async def index(self, path: str) -> IndexPage:
+        response = await self.request("GET", path)
+        self.assertEqual(response.code, 200, response.body)
+        self.assertEqual(response.header("Content-Type"), "text/html; charset=utf-8")
+        self.assertNotIn("<script", response.body.decode().lower())
+        return IndexPage(response.body.decode())
+
+    async def test_subjects_and_page_links(self) -> None:
+        subjects = {
+            "s0": "=?utf-8?q?Caf=C3=A9_=3Cb=3E?= ready",
+            "s1": HOSTILE_SUBJECT,
+            "s2": "=?iso-8859-1?b?culzZXQ=?= your password",
+            "s3": "Plain",
+            "s4": "=?x-unknown?q?abc?=",
+        }
+        for send_id, subject in subjects.items():
+            await self.store(send_id, to="Ann@example.org", msg=message(subject))
+        await self.store("none", to="bob@example.org", msg=b"From: a@example.com\r\n\r\nHi\r\n")
+        first = await self.index("/?limit=2")
+        self.assertEqual(first.rows, ["none", "s4"])
+        self.assertEqual(first.subjects, ["(no subject)", "=?x-unknown?q?abc?="])
+        self.assertNotIn("newer", first.links)
+        self.assertNotIn("newest", first.links)
+        page = await self.index(first.links["older"])
+        self.assertEqual(page.rows, ["s3", "s2"])
+        self.assertEqual(page.subjects, ["Plain", "réset your password"])
+        page = await self.index(page.links["older"])
+        self.assertEqual(page.rows, ["s1", "s0"])
+        self.assertEqual(page.subjects, [HOSTILE_SUBJECT, "Café <b> ready"])
+        self.assertNotIn("older", page.links)
+        back = await self.index(page.links["newer"])
+        self.assertEqual(back.rows, ["s3", "s2"])
+        self.assertEqual(parse_qsl(urlsplit(page.links["newest"]).query), [("limit", "2")])
+
+        filtered = await self.index("/?to=ANN%40example.org&limit=3&since=2000-01-01&until=")
+        self.assertEqual(filtered.rows, ["s4", "s3", "s2"])
+        self.assertEqual(filtered.inputs["to"], "ann@example.org")
+        self.assertEqual(filtered.inputs["since"], "2000-01-01")
+        self.assertEqual(filtered.inputs["until"], "")
+        query = dict(parse_qsl(urlsplit(filtered.links["older"]).query))
+        self.assertEqual(
+            query,
+            {"to": "ann@example.org", "since": "2000-01-01", "limit": "3", "before": "s2"},
+        )
+        rest = await self.index(filtered.links["older"])
+        self.assertEqual(rest.rows, ["s1", "s0"])
+        empty = await self.index("/?until=2000-01-01")
+        self.assertEqual(empty.rows, [])
+
+
 class OpenAPIDocument(APITestCase):
     """``docs/delivery-api.yaml`` is valid, and describes what the API does."""
 
@@ -648,8 +856,31 @@ class OpenAPIDocument(APITestCase):
         self.check(sends, "get", await self.request("GET", "/v1/sends"))
         self.check(sends, "get", await self.request("GET", "/v1/sends?tag=order&limit=1"))
         self.check(sends, "get", await self.request("GET", "/v1/sends?limit=0"))
+        await self.store("send-2", bcc="b@example.org", bcc_flags=0)
+        await self.store("send-3")
+        first = await self.request("GET", "/v1/sends?limit=1&to=B@example.org")
+        self.check(sends, "get", first)
+        self.assertEqual((first.json()["next"], first.json()["prev"]), ("send-2", None))
+        middle = await self.request("GET", "/v1/sends?limit=1&before=send-3&since=2000-01-01")
+        self.check(sends, "get", middle)
+        self.assertEqual((middle.json()["next"], middle.json()["prev"]), ("send-2", "send-2"))
+        for query in [
+            "before=nope",
+            "after=a.b",
+            "since=x",
+            "until=2000-01-01T00:00Z",
+            "to=x",
+            "x=1",
+        ]:
+            response = await self.request("GET", "/v1/sends?" + query)
+            self.assertEqual(response.code, 400, query)
+            self.check(sends, "get", response)
+        parameters = {
+            p["$ref"].rsplit("/", 1)[1] for p in self.spec["paths"][sends]["get"]["parameters"]
+        }
+        self.assertEqual(parameters, {"Tag", "To", "Since", "Until", "Before", "After", "Limit"})
         self.check(one, "get", await self.request("GET", "/v1/sends/send-1"))
         self.check(one, "get", await self.request("GET", "/v1/sends/unknown"))
         self.check(message_path, "get", await self.request("GET", "/v1/sends/unknown/message"))
         listed = (await self.request("GET", "/v1/sends")).json()["sends"]
-        self.assertEqual(len(listed), 1)
+        self.assertEqual(len(listed), 3)

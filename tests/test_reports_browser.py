@@ -1,8 +1,8 @@
 """The HTML reports as a real browser sees them: headless Chromium's DOM.
 
 The server runs in this process's reactor, so Chromium is run with
-``getProcessOutputAndValue`` (never a blocking subprocess call).  The three
-pages are loaded by three Chromium processes at once, to keep the test
+``getProcessOutputAndValue`` (never a blocking subprocess call).  The four
+pages are loaded by four Chromium processes at once, to keep the test
 short; each has its own profile folder.
 """
 
@@ -221,12 +221,14 @@ class ReportsInChromium(unittest.TestCase):
             "older", ["order", "x"], 3, message("Your order", "Shop <app@example.com>")
         )
         await self.store("newer", [HOSTILE_TAG, "x"], 0, message(HOSTILE_SUBJECT, HOSTILE_NAME))
-        await self.store("untagged", [], 1, message("No tags", "app@example.com"))
-        index, filtered, page = await gatherResults(
-            [ensureDeferred(self.dump_dom(p)) for p in ["/", "/?tag=x", "/sends/newer"]]
+        subject = "=?utf-8?q?Gr=C3=BC=C3=9Fe=2C?= No tags"
+        await self.store("untagged", [], 1, message(subject, "app@example.com"))
+        paths = ["/", "/?tag=x", "/sends/newer", "/?limit=1&before=untagged"]
+        index, filtered, page, paged = await gatherResults(
+            [ensureDeferred(self.dump_dom(p)) for p in paths]
         )
 
-        for dom in (index, filtered, page):
+        for dom in (index, filtered, page, paged):
             self.assert_inert(dom)
 
         rows = index.root.find_all("tr", class_="send")
@@ -242,9 +244,20 @@ class ReportsInChromium(unittest.TestCase):
         self.assertEqual(links[0].attrs["href"], "/sends/older")
         hostile_tags = [a.text() for a in rows[1].find_all("a", class_="tag")]
         self.assertEqual(hostile_tags, [HOSTILE_TAG, "x"])
+        subjects = [r.find_all("td", class_="subject")[0].text() for r in rows]
+        self.assertEqual(subjects, ["Grüße, No tags", HOSTILE_SUBJECT, "Your order"])
         form = index.root.find_all("form")[0]
         self.assertEqual(form.attrs.get("method"), "get")
         self.assertTrue(any(i.attrs.get("name") == "tag" for i in form.find_all("input")))
+
+        rows = paged.root.find_all("tr", class_="send")
+        self.assertEqual([r.attrs["id"] for r in rows], ["send-newer"])
+        links = {
+            a.attrs["id"]: a.attrs["href"] for a in paged.root.find_all("a") if "id" in a.attrs
+        }
+        self.assertEqual(links["older"], "/?limit=1&before=newer")
+        self.assertEqual(links["newer"], "/?limit=1&after=newer")
+        self.assertEqual(links["newest"], "/?limit=1")
 
         rows = filtered.root.find_all("tr", class_="send")
         self.assertEqual([r.attrs["id"] for r in rows], ["send-newer", "send-older"])
