@@ -6,11 +6,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 SOURCES := $(shell find mxmrelay twisted -name '*.py') setup.cfg pyproject.toml
 CERT   := var/tls/localhost.pem
-# Every runtime and test dependency, pinned with its hashes: the venv gets
-# the same packages every time, whatever PyPI released since.  setup.cfg
-# keeps ranges, for people who install the package into their own
-# environment.  `make lock` refreshes it.
-LOCK   := requirements.lock
+# Every dependency pinned, with its hashes, so each install gets the same
+# packages whatever PyPI released since: requirements.lock has what the
+# relay runs with (a deployment installs that), requirements-test.lock the
+# same pins plus the tests' tools (this venv installs that).  setup.cfg
+# keeps ranges, for people who install the package into an environment of
+# their own.  `make lock` refreshes both.
+RUNTIME_LOCK := requirements.lock
+LOCK   := requirements-test.lock
 # `make lock` resolves against PyPI itself, never against a mirror or a
 # local wheel folder some pip configuration may add: the hashes must be
 # those every other machine gets.
@@ -74,19 +77,21 @@ $(VENV)/.installed: $(SOURCES) $(LOCK)
 	$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 	touch $@
 
-# Re-resolve setup.cfg's ranges (runtime and the test extra) into the lock.
-# Versions already locked are kept where the ranges still allow them;
-# `make lock UPGRADE=1` moves every package to its newest release.
-# --universal: one lock for every Python >= 3.11 and every platform (each
-# release's hashes for all of its files), so a Debian 13 server installs
-# from the same file as a Debian 12 laptop.
+# Re-resolve setup.cfg's ranges into the locks: the runtime dependencies,
+# then the test extra on top of exactly those pins.  Versions already
+# locked are kept where the ranges still allow them; `make lock UPGRADE=1`
+# moves every package to its newest release.  --universal: one lock for
+# every Python >= 3.11 and every platform (each release's hashes for all of
+# its files), so a Debian 13 server installs from the same file as a
+# Debian 12 laptop.
+UV_COMPILE = $(LOCK_TOOLS)/bin/uv pip compile --quiet --no-config --index-url $(PYPI) \
+  --universal --python-version 3.11 --generate-hashes --custom-compile-command "make lock" \
+  $(if $(UPGRADE),--upgrade)
 lock:
 	test -x $(LOCK_TOOLS)/bin/uv || { $(PYTHON) -m venv $(LOCK_TOOLS) && \
 	  $(LOCK_TOOLS)/bin/pip install --quiet --isolated --index-url $(PYPI) uv==$(UV_VERSION); }
-	$(LOCK_TOOLS)/bin/uv pip compile --quiet --no-config --index-url $(PYPI) \
-	  --universal --python-version 3.11 --generate-hashes --extra test \
-	  --custom-compile-command "make lock" $(if $(UPGRADE),--upgrade) \
-	  setup.cfg -o $(LOCK)
+	$(UV_COMPILE) setup.cfg -o $(RUNTIME_LOCK)
+	$(UV_COMPILE) --extra test -c $(RUNTIME_LOCK) setup.cfg -o $(LOCK)
 
 # A self-signed certificate for localhost, for development only.  Made with
 # the venv's own cryptography package, so `make run` needs no openssl.
