@@ -22,23 +22,40 @@ Decisions the service description leaves open, and why:
   NFC-normalised, and domains compare as Unicode: an A-label (``xn--...``)
   equals its U-label, as does any mix of case or IDN full stops.
 
-* **From**: a single From with a single mailbox keeps its bytes and has only
-  its address replaced, so the alias, its quoting, RFC 2047 encoded words,
-  comments and folding all survive.  The old comment form
+* **From**: the From the relay writes is always exactly one mailbox whose
+  address is MAIL FROM.  A single From field that is exactly one well-formed
+  mailbox (a display name of words, quoted strings and comments before
+  ``<...>``, or a bare addr-spec with comments around it) keeps its bytes and
+  has only its address replaced, so the alias, its quoting, RFC 2047 encoded
+  words, comments and folding all survive.  The old comment form
   ``From: a@b (Oxford Stones)`` therefore becomes
   ``From: mailfrom (Oxford Stones)``: the comment *is* the alias in that form
-  (RFC 822 era software and PHP's ``mail()`` examples still write it), and
-  keeping it where it is keeps its bytes exact where turning it into a
-  display name would need re-quoting.  Several From fields or mailboxes
-  become one ``From: NAME <mailfrom>`` where the first From was, NAME being
-  the first display name (or, failing that, comment alias) among them.  A
-  missing From is added right after the trace field, at the top, where it
-  cannot be glued onto a malformed last line.
+  (RFC 822 era software and PHP's ``mail()`` examples still write it).
+  Anything else (several From fields, an address list, a group, trailing
+  bytes after the ``>`` such as a second ``<address>``, an unterminated
+  quote) becomes one ``From: NAME <mailfrom>`` where the first From was,
+  NAME being the first display name among them that is only words (atoms,
+  quoted strings, obsolete dots) and folding white space, or no name at all:
+  nothing else of such a field is kept, since a reader may take any of it
+  for an address.  A missing From is added right after the trace field, at
+  the top, where it cannot be glued onto a malformed last line.  A field
+  name written with white space before its colon (obsolete syntax, which
+  some parsers take for an mbox ``From`` line) is written without it.
+
+* **The header section is fields**: a section whose first line starts with
+  white space (it would fold into the trace field the relay writes above
+  it), or that holds a line with no ``name:``, is refused with
+  ``550 5.6.0`` (RFC 5322 2.2: a header section is header fields, each
+  starting with its name).  A parser that meets such a line takes it for the
+  start of the body, so carrying it would deliver a message whose From and
+  To are not where the relay put them.
 
 * **To**: the first address of the first To field is the recipient.  When
-  that field already holds just that one mailbox it is left byte-for-byte;
-  otherwise it is rewritten to the mailbox's own bytes (display name, comments
-  and all).  Mailboxes inside a group count; an empty group has none.  The
+  that field already holds exactly that one well-formed mailbox (as for
+  From) it is left byte-for-byte; otherwise it is rewritten to the mailbox's
+  own bytes (display name, comments and all) when that mailbox is
+  well-formed on its own, else to ``NAME <address>`` with a clean display
+  name or none.  Mailboxes inside a group count; an empty group has none.  The
   first element counts even when it is no address, so ``To: Smith, John
   <j@x>`` (an unquoted comma) is refused with a reply that says why, rather
   than guessed at.
@@ -449,6 +466,9 @@ def apply_rules(
     """
     section = header_section
     fields = _fields(section)
+    malformed = _malformed(section, fields)
+    if malformed is not None:
+        return malformed
     by_name: dict[bytes, list[_Field]] = {}
     for f in fields:
         if f.name is not None:
@@ -505,6 +525,25 @@ def apply_rules(
         return_path=bounce_template.format(id=send_id),
         message_id=message_id,
     )
+
+
+def _malformed(section: bytes, fields: list[_Field]) -> Violation | None:
+    """A line that is no header field (see the module docstring)."""
+    for f in fields:
+        if f.name is not None:
+            continue
+        if f.start == 0 and section[:1] in (b" ", b"\t"):
+            return _violation(
+                "Malformed header section: its first line starts with white space"
+                " (a header section starts with a field name)"
+            )
+        line = section.count(b"\r\n", 0, f.start) + 1
+        eol = section.find(b"\r\n", f.start, f.end)
+        text = section[f.start : f.end if eol < 0 else eol].decode("utf-8", "replace")
+        return _violation(
+            f"Malformed header section: line {line} is not a header field: {_show(text)}"
+        )
+    return None
 
 
 def _flags(
@@ -625,45 +664,120 @@ def _recipient(
     key = _address_key(section, address)
     if not any(_envelope_key(r) == key for r in recipients):
         return _violation(f"To address {_show(text)} is not one of the RCPT TO recipients")
-    return field, text, key, None if parsed.alone else box
+    kept = (_lone_mailbox(section, field.value_start, field.value_end) is not None
+            and section[field.value_start - 2] != 0x20 and section[field.value_start - 2] != 0x09)
+    return field, text, key, None if kept else box
 
 
 def _name_bytes(section: bytes, field: _Field) -> bytes:
-    """The field name as the client wrote it, colon included."""
-    return section[field.start : field.value_start]
+    """The field name as the client wrote it, colon included, without the
+    obsolete white space before the colon (see the module docstring)."""
+    return section[field.start : field.value_start - 1].rstrip(b" \t") + b":"
 
 
 def _to_field(section: bytes, field: _Field, box: _Mailbox) -> bytes:
-    return _name_bytes(section, field) + b" " + section[box.span[0] : box.span[1]]
+    """The To field holding just ``box``: its own bytes when it is one
+    well-formed mailbox, else rebuilt from its address."""
+    name = _name_bytes(section, field)
+    if _lone_mailbox(section, *box.span) is not None:
+        return name + b" " + section[box.span[0] : box.span[1]]
+    address = _address(section, box.addr)
+    assert address is not None  # _recipient checked it
+    return _with_display(name, _display_name(section, box), address.text)
 
 
 def _from_field(section: bytes, fields: list[_Field], mail_from: bytes) -> bytes:
-    """The one From field, the address replaced and the alias kept."""
+    """The one From field: exactly one mailbox, whose address is MAIL FROM."""
     first = fields[0]
     name = _name_bytes(section, first)
-    lists = [_mailboxes(section, f.value_start, f.value_end) for f in fields]
-    if len(lists) == 1 and lists[0].alone:
-        box = lists[0].boxes[0]
-        where: tuple[int, int] | None = None
-        if box.angle is not None:
-            where = box.angle
-        elif box.bare and _address(section, box.addr) is not None:
-            where = (box.addr[0].start, box.addr[-1].end)
+    if len(fields) == 1:
+        where = _lone_mailbox(section, first.value_start, first.value_end)
         if where is not None:
-            return section[first.start : where[0]] + mail_from + section[where[1] : first.value_end]
-    boxes = [box for parsed in lists for box in parsed.boxes]
-    for box in boxes:
-        if box.name is not None:
-            display = section[box.name[0] : box.name[1]]
-            nl = display.rfind(b"\n")
-            last_line = len(name) + 1 + len(display) if nl < 0 else len(display) - nl - 1
-            # Fold before the address rather than make the last line longer than 78.
-            space = b"\r\n " if last_line + len(mail_from) + 3 > 78 else b" "
-            return name + b" " + display + space + b"<" + mail_from + b">"
-    for box in boxes:
-        if box.comments:
-            return name + b" " + mail_from + b" " + _join(section, box.comments)
+            return (name + section[first.value_start : where[0]] + mail_from
+                    + section[where[1] : first.value_end])
+    for f in fields:
+        for box in _mailboxes(section, f.value_start, f.value_end).boxes:
+            display = _display_name(section, box)
+            if display is not None:
+                return _with_display(name, display, mail_from)
     return name + b" <" + mail_from + b">"
+
+
+def _with_display(name: bytes, display: bytes | None, address: bytes) -> bytes:
+    """``name: [display] <address>``, folded before the address rather than
+    make the last line longer than 78 characters."""
+    if display is None:
+        return name + b" <" + address + b">"
+    nl = display.rfind(b"\n")
+    last_line = len(name) + 1 + len(display) if nl < 0 else len(display) - nl - 1
+    space = b"\r\n " if last_line + len(address) + 3 > 78 else b" "
+    return name + b" " + display + space + b"<" + address + b">"
+
+
+def _display_name(section: bytes, box: _Mailbox) -> bytes | None:
+    """The mailbox's display name when it is only words (atoms, closed
+    quoted strings, obsolete dots between them) and folding white space:
+    the one part of an unreadable field that is safe to keep."""
+    if box.name is None:
+        return None
+    tokens = [t for t in _tokenize(section, *box.name) if t.kind != _SPACE]
+    if _clean_phrase(section, tokens):
+        return section[box.name[0] : box.name[1]]
+    return None
+
+
+def _clean_phrase(buf: bytes, tokens: Sequence[_Token]) -> bool:
+    """Words, or dots after a word; every quoted string closed."""
+    if not tokens or tokens[0].kind not in _WORDS:
+        return False
+    return all(
+        (t.kind in _WORDS and _closed(buf, t)) or _special(buf, t, b".") for t in tokens
+    )
+
+
+_CLOSED_QUOTED = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+
+
+def _closed(buf: bytes, token: _Token) -> bool:
+    """Does ``token`` end where its syntax says (the lexer is lenient)?"""
+    text = buf[token.start : token.end]
+    if token.kind == _QUOTED:
+        return _CLOSED_QUOTED.fullmatch(text) is not None
+    if token.kind == _LITERAL:
+        return len(text) > 1 and text.endswith(b"]")
+    if token.kind == _COMMENT:
+        return _comment_end(buf, token.start, token.end) == token.end and text.endswith(b")")
+    return True
+
+
+def _lone_mailbox(buf: bytes, start: int, end: int) -> tuple[int, int] | None:
+    """Where the address is when ``buf[start:end]`` is exactly one
+    well-formed mailbox, else None.
+
+    Well-formed: ``[phrase] <...>`` with only comments after the ``>``, or
+    a bare addr-spec with only comments and white space in and around it.
+    For the angle form the span is the inside of the brackets (replaced
+    whole, a source route included).
+    """
+    solid = [t for t in _tokenize(buf, start, end) if t.kind != _SPACE]
+    if not all(_closed(buf, t) for t in solid):
+        return None
+    words = [t for t in solid if t.kind != _COMMENT]
+    if not words:
+        return None
+    angles = [i for i, t in enumerate(words) if _special(buf, t, b"<")]
+    if not angles:
+        if _address(buf, words) is None:
+            return None
+        return words[0].start, words[-1].end
+    lt = angles[0]
+    closing = [i for i, t in enumerate(words) if _special(buf, t, b">")]
+    if len(angles) != 1 or closing != [len(words) - 1] or lt > closing[0]:
+        return None
+    phrase = words[:lt]
+    if phrase and not _clean_phrase(buf, phrase):
+        return None
+    return words[lt].end, words[-1].start
 
 
 def _join(section: bytes, spans: Iterable[tuple[int, int]]) -> bytes:

