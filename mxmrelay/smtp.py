@@ -54,6 +54,9 @@ COMMAND_LIMIT = 512
 MAIL_LIMIT = 512 + 26 + 500
 #: RFC 4954 4: an AUTH response line may be 12,288 octets.
 AUTH_LINE_LIMIT = 12288
+#: A line this long is no client's mistake: past it, ``421`` and close
+#: (the rest of a shorter over-long line is read and dropped).
+LINE_ABANDON = 64 * 1024
 #: RFC 5321 4.5.3.1.6: 998 characters and CRLF, counted after the
 #: dot-unstuffing (a line sent as "." + 998 characters is within it).
 TEXT_LINE_LIMIT = 998
@@ -163,7 +166,10 @@ class SMTPServer(Protocol, TimeoutMixin):
         #: so that a batch of N commands is not N copies of the rest.
         self._buffer = b""
         self._pos = 0
+        #: Dropping the rest of an over-long line (already answered), and
+        #: how much of it so far.
         self._skipping = False
+        self._skipped = 0
         self._out: list[bytes] = []
         self._busy = False
         self._closed = False
@@ -383,22 +389,39 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._check_reading()
 
     def _next_line(self) -> bytes | None:
+        """The next whole line, or None.  A line that passes its limit is
+        answered at once (the client may never send the CRLF), and the
+        rest of it dropped as it comes: memory stays bounded."""
         while True:
             buf, pos = self._buffer, self._pos
             i = buf.find(b"\n", pos)
+            if self._skipping:
+                self._skipped += (len(buf) if i < 0 else i) - pos
+                if self._skipped > LINE_ABANDON:
+                    self._buffer, self._pos = b"", 0
+                    self._close(Reply(421, "4.7.0", "Line too long, closing connection"))
+                    return None
+                if i < 0:
+                    self._buffer, self._pos = b"", 0
+                    return None
+                self._skipping, self._pos = False, i + 1
+                continue
             if i < 0:
-                self._buffer, self._pos = buf[pos:], 0
-                if len(self._buffer) > AUTH_LINE_LIMIT + 2:
-                    # A line that never ends must not grow memory.
-                    self._buffer = b""
-                    self._skipping = True
+                pending = self._buffer = buf[pos:]
+                self._pos = 0
+                # (a CR at the end may be the first half of the CRLF)
+                if len(pending) - pending.endswith(b"\r") + 2 > self._line_limit(pending):
+                    self._too_long()
+                    self._skipping, self._skipped = True, 0
                 return None
             line, self._pos = buf[pos:i], i + 1
-            if self._skipping:
-                self._skipping = False
-                self._too_long()
-                continue
             return line[:-1] if line.endswith(b"\r") else line
+
+    def _line_limit(self, line: bytes) -> int:
+        """Octets allowed in ``line`` with its CRLF."""
+        if self._auth_step is not None:
+            return AUTH_LINE_LIMIT + 2
+        return MAIL_LIMIT if line[:4].upper() == b"MAIL" else COMMAND_LIMIT
 
     def _too_long(self) -> None:
         if self._auth_step is not None:
@@ -408,6 +431,11 @@ class SMTPServer(Protocol, TimeoutMixin):
             self._reply(Reply(500, "5.5.2", "Line too long"))
 
     def _command(self, line: bytes) -> None:
+        # The length first, as for a line still arriving (the answer must
+        # not depend on how the line was split into packets).
+        if len(line) + 2 > self._line_limit(line):
+            self._reply(Reply(500, "5.5.2", "Line too long"))
+            return
         verb, _, rest = line.partition(b" ")
         name = verb.upper().decode("ascii", "replace")
         handler = _COMMANDS.get(name)
@@ -419,10 +447,6 @@ class SMTPServer(Protocol, TimeoutMixin):
                 self._reply(Reply(500, "5.5.2", "Command not recognized"))
             return
         self._unknown = 0
-        limit = MAIL_LIMIT if name == "MAIL" else COMMAND_LIMIT
-        if len(line) + 2 > limit:
-            self._reply(Reply(500, "5.5.2", "Line too long"))
-            return
         try:
             arg = rest.decode("utf-8")
         except UnicodeDecodeError:
@@ -515,8 +539,7 @@ class SMTPServer(Protocol, TimeoutMixin):
     def do_STARTTLS(self, arg: str) -> None:
         if self._tls:
             raise Reply(503, "5.5.1", "TLS already active")
-        if arg.strip():
-            raise Reply(501, "5.5.4", "Syntax: STARTTLS")
+        _no_argument("STARTTLS", arg)
         if self.settings.tls is None:
             raise Reply(454, "4.7.0", "TLS not available due to temporary reason")
         self._ok(220, "2.0.0", "Ready to start TLS")
@@ -634,9 +657,13 @@ class SMTPServer(Protocol, TimeoutMixin):
                 if int(value) > self.settings.max_message_size:
                     raise Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
             elif key == "BODY":
+                # A known parameter with a value it does not allow is a
+                # syntax error (501), not an unknown option (555).
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                    raise Reply(555, "5.5.4", f"Unsupported option: BODY={quote(value or '')}")
-            elif key == "SMTPUTF8" and value is None:
+                    raise Reply(501, "5.5.4", "Bad BODY parameter")
+            elif key == "SMTPUTF8":
+                if value is not None:
+                    raise Reply(501, "5.5.4", "Bad SMTPUTF8 parameter")
                 smtputf8 = True
             elif key != "AUTH":  # RFC 4954 5: AUTH=<> may be sent; ignored
                 raise Reply(555, "5.5.4", f"Unsupported option: {quote(key)}")
@@ -693,8 +720,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             raise Reply(503, "5.5.1", "Error: need MAIL command")
         if self._factory is None:
             raise Reply(503, "5.5.1", "Error: need RCPT command")
-        if arg.strip():
-            raise Reply(501, "5.5.4", "Syntax: DATA")
+        _no_argument("DATA", arg)
         # One transaction, one message, however many recipients.
         message = self._message = self._factory()
         self._reader = DataReader(message.write, message.connectionLost,
@@ -702,13 +728,16 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._write(b"354 End data with <CR><LF>.<CR><LF>\r\n")
 
     def do_RSET(self, arg: str) -> None:
+        _no_argument("RSET", arg)
         self._reset()
         self._ok(250, "2.0.0", "Ok")
 
     def do_NOOP(self, arg: str) -> None:
+        # RFC 5321 4.1.1.9: NOOP may carry a string, which is ignored.
         self._ok(250, "2.0.0", "Ok")
 
     def do_QUIT(self, arg: str) -> None:
+        _no_argument("QUIT", arg)
         self._close(Reply(221, "2.0.0", "Bye"))
 
     def do_VRFY(self, arg: str) -> None:
@@ -851,6 +880,12 @@ class DataReader:
         if self.error is None:
             self.error = reply
             self._discard()
+
+
+def _no_argument(command: str, arg: str) -> None:
+    """RFC 5321 4.1.1: RSET, QUIT, DATA and STARTTLS take no argument."""
+    if arg.strip():
+        raise Reply(501, "5.5.4", f"Syntax: {command}")
 
 
 def _printable(text: str) -> str:

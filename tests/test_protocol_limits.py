@@ -132,3 +132,96 @@ class DataLines(unittest.TestCase):
             answer, after = await in_thread(send, body)
             self.assertTrue(answer.startswith(expected), (len(body), answer))
             self.assertEqual(after, "250 2.0.0 Ok")
+
+
+class CommandLines(unittest.TestCase):
+    async def test_long_line_answered_before_its_end(self) -> None:
+        """The 500 comes as soon as the limit is passed, once per line."""
+        relay = RelayUnderTest(self)
+
+        def talk() -> tuple[str, str, str]:
+            c = relay.raw().ready(login=False)
+            c.send(b"NOOP " + b"x" * 1000)   # no CRLF yet
+            c.sock.settimeout(5)
+            early = c.reply()
+            c.send(b"y" * 50_000)
+            c.send(b"z" * 8_000 + b"\r\n")
+            after = c.cmd("NOOP")            # no second reply for that line
+            c.send(b"AUTH PLAIN\r\n")
+            c.reply()
+            c.send(b"A" * 13_000)           # an AUTH response, no CRLF yet
+            auth = c.reply()
+            c.send(b"A\r\n")
+            after += "|" + c.cmd("NOOP")
+            c.close()
+            return early, after, auth
+
+        early, after, auth = await in_thread(talk)
+        self.assertEqual(early, "500 5.5.2 Line too long")
+        self.assertEqual(after, "250 2.0.0 Ok|250 2.0.0 Ok")
+        self.assertEqual(auth, "500 5.5.6 Authentication exchange line is too long")
+        for connection in [c for f in relay.relay.factories for c in f.connections]:
+            self.assertLess(len(connection._buffer), 20_000)
+
+    async def test_line_far_too_long_closes(self) -> None:
+        relay = RelayUnderTest(self)
+
+        def talk() -> tuple[str, str, bool]:
+            c = relay.raw().ready(login=False)
+            c.sock.settimeout(5)
+            c.send(b"MAIL FROM:<" + b"x" * 2_000)
+            first = c.reply()
+            # Past 64 KiB in all: the relay gives up on this client.
+            sent = 2_000
+            while sent < 80_000:
+                try:
+                    c.send(b"x" * 8_000)
+                except OSError:
+                    break
+                sent += 8_000
+            second = c.reply()
+            return first, second, c.closed()
+
+        self.assertEqual(await in_thread(talk), (
+            "500 5.5.2 Line too long", "421 4.7.0 Line too long, closing connection", True))
+
+    async def test_arguments_where_none_belong(self) -> None:
+        relay = RelayUnderTest(self)
+        cases = [
+            ("RSET x", "501 5.5.4 Syntax: RSET"),
+            ("QUIT now", "501 5.5.4 Syntax: QUIT"),
+            ("NOOP anything at all", "250 2.0.0 Ok"),
+            ("RSET ", "250 2.0.0 Ok"),
+            ("MAIL FROM:<app@example.com> BODY=FOO", "501 5.5.4 Bad BODY parameter"),
+            ("MAIL FROM:<app@example.com> BODY", "501 5.5.4 Bad BODY parameter"),
+            ("MAIL FROM:<app@example.com> BODY=\xe9", "501 5.5.4 Bad BODY parameter"),
+            ("MAIL FROM:<app@example.com> SIZE=abc", "501 5.5.4 Bad message size syntax"),
+            ("MAIL FROM:<app@example.com> SIZE", "501 5.5.4 Bad message size syntax"),
+            ("MAIL FROM:<app@example.com> SMTPUTF8=yes", "501 5.5.4 Bad SMTPUTF8 parameter"),
+            ("MAIL FROM:<app@example.com> FOO", "555 5.5.4 Unsupported option: FOO"),
+            ("MAIL FROM:<app@example.com> BODY=8bitmime", "250 2.1.0 Ok"),
+        ]
+
+        def talk(command: str) -> tuple[str, str]:
+            c = relay.raw().ready()
+            answer = c.cmd(command)
+            after = c.cmd("RSET")
+            c.close()
+            return answer, after
+
+        for command, expected in cases:
+            self.assertEqual(await in_thread(talk, command), (expected, "250 2.0.0 Ok"))
+
+        def data_and_starttls() -> tuple[str, str]:
+            c = relay.raw()
+            c.cmd("EHLO client.test")
+            starttls = c.cmd("STARTTLS x")
+            c.ready()
+            c.cmd("MAIL FROM:<app@example.com>")
+            c.cmd("RCPT TO:<a@example.org>")
+            data = c.cmd("DATA x")
+            c.close()
+            return starttls, data
+
+        self.assertEqual(await in_thread(data_and_starttls),
+                         ("501 5.5.4 Syntax: STARTTLS", "501 5.5.4 Syntax: DATA"))
