@@ -51,12 +51,17 @@ class Spool:
             end = 0
         else:
             end = head.find(_HEADER_END, max(0, start - 3))
+            # The limit is on the section itself, its last CRLF included,
+            # whichever way the data is chunked.  Its end not in sight yet,
+            # the section holds all that has come, bar the "\r" of a
+            # partial "\r\n\r" (a message without a body is all section).
             if end < 0:
-                if len(head) > MAX_HEADER_SECTION:
-                    raise Reply(552, "5.3.4", "Header section exceeds "
-                                f"{MAX_HEADER_SECTION} bytes")
+                if len(head) - head.endswith(b"\r\n\r") > MAX_HEADER_SECTION:
+                    raise _too_long()
                 return b""
             end += 2
+            if end > MAX_HEADER_SECTION:
+                raise _too_long()
         rest = bytes(head[end:])
         del head[end:]
         self.body_offset = end
@@ -78,3 +83,7 @@ class Spool:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _too_long() -> Reply:
+    return Reply(552, "5.3.4", f"Header section exceeds {MAX_HEADER_SECTION} bytes")
