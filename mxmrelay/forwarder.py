@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -22,17 +22,17 @@ import treq
 from hyperlink import EncodedURL
 from OpenSSL import SSL
 from treq.client import HTTPClient
-from twisted.internet import ssl
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
+from twisted.internet import ssl, task
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.internet.task import CooperativeTask
 from twisted.logger import Logger
 from twisted.web.client import (
     URI,
     Agent,
     BrowserLikePolicyForHTTPS,
-    FileBodyProducer,
     HTTPConnectionPool,
     ResponseFailed,
     ResponseNeverReceived,
@@ -46,53 +46,168 @@ from mxmrelay.reply import Reply
 log = Logger(namespace="mxmrelay.forwarder")
 
 TEMPORARY = "Temporary failure, try again later"
-#: Bodies up to this size are written in one go (FileBodyProducer's chunk).
+#: The spooled body is read and written this much at a time, one chunk a
+#: turn of the reactor; a body no larger goes out with the rest of the
+#: request from ``startProducing`` itself, without waiting for a turn.
 SMALL_BODY = 64 * 1024
+
+#: A part of a request body: bytes, or a file read from where it stands.
+Part = bytes | IO[bytes]
 
 
 @implementer(IBodyProducer)
-class MultipartProducer:
-    """``metadata`` JSON part, then the message: rewritten header section
-    from memory, body streamed from the spool by ``FileBodyProducer``."""
+class PartsProducer:
+    """A request body written part by part: bytes as they are, a file from
+    its current position to its end, ``chunk`` bytes a turn.
 
-    def __init__(self, metadata: bytes, head: bytes, body: IO[bytes]) -> None:
+    The consumer may pause, resume or stop it at any point: before the
+    first write, from inside a write (a TCP transport pauses its producer
+    there as soon as its buffer is full, so a large header section pauses
+    the body before the file part has begun), between turns, or after the
+    last write.  Those calls only set this producer's own flags, which
+    every write looks at first, so they mean the same whatever part is
+    current; a cooperative task merely paces the file reads.  Writing never
+    happens inside one of those calls either: a resume schedules the next
+    turn, so a consumer that resumes from within a write is not re-entered.
+    """
+
+    def __init__(self, parts: Iterable[Part], *, chunk: int = SMALL_BODY,
+                 cooperate: Callable[[Iterator[None]], CooperativeTask[Any]] = task.cooperate
+                 ) -> None:
+        sized = [(part, len(part) if isinstance(part, bytes) else _remaining(part))
+                 for part in parts]
+        self.length = sum(size for _, size in sized)
+        self._pieces = _pieces(sized, chunk)
+        self._cooperate = cooperate
+        self._consumer: IConsumer | None = None
+        self._done: Deferred[None] = Deferred(lambda _: self.stopProducing())
+        self._paused = False
+        self._stopped = False
+        self._finished = False
+        self._written = 0
+        #: A cooperative task is scheduled or running.
+        self._turning = False
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        """Write what can go now; the Deferred fires once everything is
+        written, or fails if reading or writing does, and never fires once
+        stopped (:class:`IBodyProducer`); cancelling it stops production."""
+        self._consumer = consumer
+        if self._write():
+            self._turn()
+        return self._done
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._turn()
+
+    def stopProducing(self) -> None:
+        self._stopped = True
+
+    def _idle(self) -> bool:
+        return self._paused or self._stopped or self._finished
+
+    def _turn(self) -> None:
+        """Go on writing on a later turn, unless a task already will."""
+        if self._consumer is None or self._turning or self._idle():
+            return
+        self._turning = True
+        self._cooperate(self._turns()).whenDone().addBoth(self._turned)
+
+    def _turns(self) -> Iterator[None]:
+        while self._write():
+            yield None
+
+    def _turned(self, result: object) -> None:
+        # Whether the task ran out or its cooperator was stopped.
+        self._turning = False
+
+    def _write(self) -> bool:
+        """Write pieces until paused, stopped or done (False), or until the
+        next file read is due on a later turn (True).
+
+        Done means every byte written, even if the last write paused this
+        producer: the request need not wait for the transport to drain.
+        """
+        consumer = self._consumer
+        assert consumer is not None
+        if self._idle():
+            return False
+        try:
+            for piece in self._pieces:
+                if piece is None:
+                    return True
+                self._written += len(piece)
+                consumer.write(piece)
+                if self._stopped:
+                    return False
+                if self._written == self.length:
+                    break
+                if self._paused:
+                    return False
+        except Exception:
+            self._finished = True
+            if not self._stopped:
+                self._done.errback()
+            return False
+        self._finished = True
+        self._done.callback(None)
+        return False
+
+
+def _remaining(file: IO[bytes]) -> int:
+    """How many bytes ``file`` holds past its current position."""
+    here = file.tell()
+    end = file.seek(0, os.SEEK_END)
+    file.seek(here)
+    return end - here
+
+
+def _pieces(parts: list[tuple[Part, int]], chunk: int) -> Iterator[bytes | None]:
+    """The bytes to write, in order, with ``None`` where a turn is due:
+    before each file read but the first.  Files are read lazily, as their
+    pieces are wanted, so a paused or stopped producer reads no further."""
+    reads = 0
+    for part, size in parts:
+        if isinstance(part, bytes):
+            if part:
+                yield part
+            continue
+        left = size
+        while left > 0:
+            if reads:
+                yield None
+            reads += 1
+            data = part.read(min(chunk, left))
+            if not data:
+                raise EOFError(f"body file ended {left} bytes short of its length")
+            left -= len(data)
+            yield data
+
+
+class MultipartProducer(PartsProducer):
+    """The request body: the ``metadata`` JSON part, then the message part:
+    the rewritten header section from memory and the body from the spool."""
+
+    def __init__(self, metadata: bytes, head: bytes, body: IO[bytes], *,
+                 cooperate: Callable[[Iterator[None]], CooperativeTask[Any]] = task.cooperate
+                 ) -> None:
         self.boundary = os.urandom(16).hex()
         b = self.boundary.encode()
-        self._pre = (
+        pre = (
             b"--" + b + b'\r\nContent-Disposition: form-data; name="metadata"\r\n'
             b"Content-Type: application/json\r\n\r\n" + metadata + b"\r\n--" + b +
             b'\r\nContent-Disposition: form-data; name="message"\r\n'
-            b"Content-Type: message/rfc822\r\n\r\n" + head
+            b"Content-Type: message/rfc822\r\n\r\n"
         )
-        self._post = b"\r\n--" + b + b"--\r\n"
-        self._file = body
-        self._body = FileBodyProducer(body)
-        self.length = len(self._pre) + self._body.length + len(self._post)
+        super().__init__([pre, head, body, b"\r\n--" + b + b"--\r\n"], cooperate=cooperate)
 
     @property
     def content_type(self) -> bytes:
         return b"multipart/form-data; boundary=" + self.boundary.encode()
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self._pre)
-        if self._body.length <= SMALL_BODY:
-            # Most messages: one write now, rather than a cooperative task
-            # that would start on the next reactor turn.
-            consumer.write(self._file.read())
-            consumer.write(self._post)
-            return succeed(None)
-        d: Deferred[None] = self._body.startProducing(consumer)
-        d.addCallback(lambda _: consumer.write(self._post))
-        return d
-
-    def pauseProducing(self) -> None:
-        self._body.pauseProducing()
-
-    def resumeProducing(self) -> None:
-        self._body.resumeProducing()
-
-    def stopProducing(self) -> None:
-        self._body.stopProducing()
 
 
 @attrs.define
