@@ -18,6 +18,7 @@ Waiting is polling against a deadline, never a fixed sleep.
 from __future__ import annotations
 
 import configparser
+import importlib.util
 import json
 import os
 import re
@@ -33,6 +34,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
 
+import attrs
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, TimeoutError, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -713,6 +715,14 @@ class Packaging(unittest.TestCase):
 
         self.assertEqual(one("ExecStart"), "/opt/mxmrelay/venv/bin/twistd -n --pidfile= "
                          "mxmrelay --config /etc/mxmrelay/mxmrelay.toml")
+        # A broken file fails the start (and systemctl restart) with the
+        # reasons, before the relay is stopped for good by StartLimit*.
+        self.assertEqual(one("ExecStartPre"), "/opt/mxmrelay/venv/bin/mxmrelay-check "
+                         "--config /etc/mxmrelay/mxmrelay.toml")
+        # The production example's listeners are systemd: endpoints.
+        self.assertEqual(one("Requires"), "mxmrelay.socket")
+        self.assertIn("mxmrelay.socket", " ".join(unit["After"]).split())
+        self.assertEqual(unit_settings(ETC / "mxmrelay.socket")["Backlog"], ["1024"])
         self.assertEqual(one("User"), "mxmrelay")
         self.assertEqual(one("AmbientCapabilities"), "CAP_NET_BIND_SERVICE")
         self.assertEqual(one("CapabilityBoundingSet"), "CAP_NET_BIND_SERVICE")
@@ -730,28 +740,140 @@ class Packaging(unittest.TestCase):
         self.assertNotIn("MemoryDenyWriteExecute", unit)
 
     async def test_systemd_analyze_verify(self) -> None:
+        """The units exactly as shipped, in a root tree of their own: this
+        system's unit files (for the targets they name), the units in
+        /etc/systemd/system, and the project's own twistd and mxmrelay-check
+        at the paths the service names.  Not a single complaint."""
         analyze = need("systemd-analyze")
+        root = folder_for(self) / "root"
+        system = next((d for d in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system"))
+                       if (d / "sysinit.target").exists()), None)
+        if system is None:
+            raise unittest.SkipTest("no systemd unit files on this machine")
+        shutil.copytree(system, root / system.relative_to("/"), symlinks=True)
+        units = root / "etc/systemd/system"
+        units.mkdir(parents=True)
+        for name in ("mxmrelay.socket", "mxmrelay.service"):
+            shutil.copy(ETC / name, units / name)
+        service = unit_settings(ETC / "mxmrelay.service")
+        programs = [Path(v.lstrip("-+!@:").split()[0]) for k, vs in service.items()
+                    if k.startswith("Exec") for v in vs]
+        self.assertEqual({p.parent for p in programs}, {Path("/opt/mxmrelay/venv/bin")})
+        for program in programs:
+            ours = BIN / program.name
+            if not ours.exists():
+                raise unittest.SkipTest(f"{ours} is missing: pip install the project")
+            installed = root / program.relative_to("/")
+            installed.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ours, installed)
+
+        async def verify() -> tuple[str, int]:
+            return await run(analyze, "verify", f"--root={root}",
+                             "mxmrelay.socket", "mxmrelay.service")
+
+        output, code = await verify()
+        self.assertEqual((output, code), ("", 0))
+        # The tree is what is checked: without the check, the unit is wrong.
+        (root / "opt/mxmrelay/venv/bin/mxmrelay-check").unlink()
+        output, code = await verify()
+        self.assertNotEqual(code, 0)
+        self.assertIn("/opt/mxmrelay/venv/bin/mxmrelay-check is not executable", output)
+
+    async def test_production_example_passes_the_check(self) -> None:
+        """etc/mxmrelay.toml as shipped, with /etc/mxmrelay/ moved to a
+        folder holding a directory, a certificate for its hostname and the
+        key: mxmrelay-check (what ExecStartPre runs) finds nothing wrong."""
+        if importlib.util.find_spec("mxmrelay.check") is None:
+            raise unittest.SkipTest("mxmrelay/check.py is not there yet")
         folder = folder_for(self)
-        # A copy whose ExecStart exists here; the unit names must stay.
-        service = (ETC / "mxmrelay.service").read_text()
-        self.assertIn("/opt/mxmrelay/venv/bin/twistd ", service)
-        (folder / "mxmrelay.service").write_text(
-            service.replace("/opt/mxmrelay/venv/bin/twistd ", f"{TWISTD} "))
-        shutil.copy(ETC / "mxmrelay.socket", folder / "mxmrelay.socket")
+        text = (ETC / "mxmrelay.toml").read_text()
+        self.assertIn('"/etc/mxmrelay/', text)
+        config = folder / "mxmrelay.toml"
+        config.write_text(text.replace('"/etc/mxmrelay/', f'"{folder}/'))
+        shutil.copy(DEV_DIRECTORY, folder / "directory.toml")
+        cert, key = make_certificate(folder / "tls", "smtp.example.net")
+        cert.rename(folder / "tls" / "fullchain.pem")
+        key.rename(folder / "tls" / "privkey.pem")
+        output, code = await run(sys.executable, "-m", "mxmrelay.check", "--config", config)
+        self.assertEqual((output.strip(), code), ("ok", 0))
+        # and it does look: without the key, it says so and fails
+        (folder / "tls" / "privkey.pem").unlink()
+        output, code = await run(sys.executable, "-m", "mxmrelay.check", "--config", config)
+        self.assertEqual(code, 1, output)
+        self.assertIn("tls.private_key", output)
 
-        # Complaints about this machine, not the units: no /opt/mxmrelay
-        # venv, no mxmrelay user.
-        tolerated = re.compile(r"/opt/mxmrelay/venv/bin/twistd is not executable"
-                               r"|[Uu]ser.*mxmrelay|mxmrelay.*[Uu]ser")
-        output, code = await run(analyze, "verify", "mxmrelay.socket", "mxmrelay.service",
-                                 path=folder)
+
+class MakeRun(unittest.TestCase):
+    """``make run PORTS=smtp,submission,smtps,api``: the development
+    configuration on other ports, generated by the Makefile's own step."""
+
+    timeout = 60
+
+    async def make(self, *args: str) -> tuple[str, int]:
+        program = need("make")
+        # Not the outer make's flags and job server, when `make test` runs us.
+        env = {k: v for k, v in child_env().items()
+               if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEFILES")}
+        out, err, code = await getProcessOutputAndValue(
+            program, ["-s", "--no-print-directory", f"PYTHON={sys.executable}", *args],
+            env=env, path=str(ROOT), reactor=reactor)
+        return out.decode() + err.decode(), code
+
+    async def test_ports(self) -> None:
+        folder = folder_for(self)
+        generated = folder / "dev.toml"
+        output, code = await self.make("dev-config", "PORTS=3525,3587,3465,3025",
+                                       f"DEV_CONFIG={generated}")
         self.assertEqual(code, 0, output)
-        self.assertEqual([x for x in output.splitlines() if not tolerated.search(x)], [])
-        # The units as shipped: only the missing binary may be reported.
-        output, code = await run(analyze, "verify", ETC / "mxmrelay.socket",
-                                 ETC / "mxmrelay.service")
-        self.assertEqual([x for x in output.splitlines() if not tolerated.search(x)], [])
+        config = Config.from_file(generated)
+        self.assertEqual({x.role: x.endpoint for x in config.listeners}, {
+            "smtp": "tcp:3525:interface=127.0.0.1",
+            "submission": "tcp:3587:interface=127.0.0.1",
+            "smtps": "tcp:3465:interface=127.0.0.1"})
+        assert config.reference_api is not None and config.delivery_api is not None
+        self.assertEqual(config.reference_api.endpoint, "tcp:3025:interface=127.0.0.1")
+        # The relay forwards to the reference API where it now listens.
+        self.assertEqual(config.delivery_api.url, "http://127.0.0.1:3025/v1/sends")
+        # The files are the checkout's, wherever the copy is.
+        self.assertEqual(config.directory, DEV_DIRECTORY)
+        self.assertEqual(config.tls.certificate, ROOT / "var/tls/localhost.pem")
+        self.assertEqual(config.tls.private_key, ROOT / "var/tls/localhost.key")
+        self.assertEqual(config.reference_api.database, ROOT / "var/refapi.sqlite3")
+        # Nothing else differs from etc/mxmrelay.dev.toml.
+        original = Config.from_file(ETC / "mxmrelay.dev.toml")
+        assert original.reference_api is not None and original.delivery_api is not None
+        self.assertEqual([x.role for x in config.listeners],
+                         [x.role for x in original.listeners])
+        self.assertEqual(attrs.evolve(config.delivery_api, url=original.delivery_api.url),
+                         original.delivery_api)
+        self.assertEqual(attrs.evolve(config.reference_api,
+                                      endpoint=original.reference_api.endpoint,
+                                      database=original.reference_api.database),
+                         original.reference_api)
+        self.assertEqual(attrs.evolve(config, listeners=original.listeners,
+                                      reference_api=original.reference_api,
+                                      delivery_api=original.delivery_api,
+                                      directory=original.directory, tls=original.tls,
+                                      source=original.source),
+                         original)
 
+    async def test_run_uses_the_copy_only_with_ports(self) -> None:
+        output, code = await self.make("-n", "run")
+        self.assertEqual(code, 0, output)
+        self.assertIn(" mxmrelay --config etc/mxmrelay.dev.toml\n", output)
+        output, code = await self.make("-n", "run", "PORTS=3525,3587,3465,3025")
+        self.assertEqual(code, 0, output)
+        self.assertIn(" mxmrelay --config var/mxmrelay.dev.3525-3587-3465-3025.toml\n",
+                      output)
+
+    async def test_bad_ports(self) -> None:
+        generated = folder_for(self) / "dev.toml"
+        for ports in ("3525,3587,3465", "3525,3587,3465,3465", "25,587,465,x", "1,2,3,70000"):
+            output, code = await self.make("dev-config", f"PORTS={ports}",
+                                           f"DEV_CONFIG={generated}")
+            self.assertNotEqual(code, 0, ports)
+            self.assertIn("want four different ports: smtp,submission,smtps,api", output)
+            self.assertFalse(generated.exists())
 
 class Fail2ban(unittest.TestCase):
     async def failure_log(self) -> tuple[str, int]:
