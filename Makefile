@@ -33,6 +33,8 @@ TEST_TOOLS := swaks curl openssl chromium
 TEST_PACKAGES := msmtp php-cli libphp-phpmailer fail2ban
 # Seconds to wait for apt's lock when another apt or dpkg holds it.
 APT_LOCK_TIMEOUT ?= 120
+# Consulted by every package's maintainer scripts before starting a service.
+POLICY_RC_D ?= /usr/sbin/policy-rc.d
 # Nodemailer, from npm, into var/node when node and npm are there.
 NODEMAILER := var/node/node_modules/nodemailer
 
@@ -208,7 +210,7 @@ done
 # policy-rc.d answers "not allowed" (101) for the duration of the install
 # (an existing one is put back afterwards), and whatever unit the install
 # enabled is disabled again.
-policy=/usr/sbin/policy-rc.d saved=""
+policy=$(POLICY_RC_D) saved=""
 enabled() { systemctl list-unit-files --state=enabled --no-legend 2>/dev/null | awk '{print $$1}' | sort; }
 before=$$(enabled)
 restore() {

@@ -875,6 +875,85 @@ class MakeRun(unittest.TestCase):
             self.assertIn("want four different ports: smtp,submission,smtps,api", output)
             self.assertFalse(generated.exists())
 
+class MakeTools(unittest.TestCase):
+    """``make tools``, the system-wide installs of ``make test``, against a
+    stand-in apt (scripts first on PATH) that fails as a busy, offline or
+    unprivileged one does: the tests must still run, the packages not
+    installed must be named, no daemon may start, and policy-rc.d must be
+    left as it was found."""
+
+    timeout = 60
+
+    def fake_system(self, folder: Path) -> Path:
+        fake = folder / "bin"
+        fake.mkdir()
+        scripts = {
+            # root, so the install is attempted (and sudo never needed)
+            "id": 'echo 0',
+            # nothing of ours installed yet
+            "dpkg-query": 'exit 1',
+            "apt-cache": 'echo "  Candidate: 1.0-1"',
+            "systemctl": 'exit 0',
+            # apt: every call logged with the policy-rc.d in force; installs
+            # fail with apt's exit code, as with its lock held or no network
+            "apt-get": 'echo "apt-get $*" >> "$FAKE_LOG"\n'
+                       'if [ -e "$FAKE_POLICY" ]; then sh "$FAKE_POLICY" x start; '
+                       'echo "policy-rc.d says $?" >> "$FAKE_LOG"; fi\n'
+                       'case "$*" in *install*) exit 100;; esac',
+        }
+        for name, body in scripts.items():
+            script = fake / name
+            script.write_text(f"#!/bin/sh\n{body}\n")
+            script.chmod(0o755)
+        return fake
+
+    async def make_tools(self, folder: Path, policy: Path) -> tuple[str, int]:
+        program = need("make")
+        fake = self.fake_system(folder)
+        env = {k: v for k, v in child_env().items()
+               if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEFILES")}
+        env.update(PATH=f"{fake}:{env.get('PATH', '/usr/bin:/bin')}",
+                   FAKE_LOG=str(folder / "apt.log"), FAKE_POLICY=str(policy))
+        out, err, code = await getProcessOutputAndValue(
+            program, ["-s", "--no-print-directory", "tools", "TEST_TOOLS=no-such-client",
+                      "TEST_PACKAGES=no-such-package-a no-such-package-b",
+                      f"POLICY_RC_D={policy}", f"NODEMAILER={ROOT}"],
+            env=env, path=str(ROOT), reactor=reactor)
+        return out.decode() + err.decode(), code
+
+    async def test_apt_failing_skips_instead_of_stopping(self) -> None:
+        folder = folder_for(self)
+        policy = folder / "policy-rc.d"
+        output, code = await self.make_tools(folder, policy)
+        self.assertEqual(code, 0, output)
+        for name in ("no-such-client", "no-such-package-a", "no-such-package-b"):
+            self.assertIn(f"could not install {name}: its tests will be skipped", output)
+        log = (folder / "apt.log").read_text()
+        # apt waits for its lock rather than failing at once ...
+        self.assertIn("-o DPkg::Lock::Timeout=120 install no-such-client no-such-package-a "
+                      "no-such-package-b", log)
+        # ... and under a policy that lets no package start a daemon
+        self.assertIn("policy-rc.d says 101", log)
+        self.assertNotIn("policy-rc.d says 0", log)
+        # which is gone again: there was none
+        self.assertFalse(policy.exists())
+        self.assertEqual(sorted(p.name for p in folder.iterdir()), ["apt.log", "bin"])
+
+    async def test_an_existing_policy_is_put_back(self) -> None:
+        folder = folder_for(self)
+        policy = folder / "policy-rc.d"
+        policy.write_text("#!/bin/sh\n# the administrator's own\nexit 0\n")
+        policy.chmod(0o750)
+        output, code = await self.make_tools(folder, policy)
+        self.assertEqual(code, 0, output)
+        log = (folder / "apt.log").read_text()
+        self.assertIn("policy-rc.d says 101", log)
+        self.assertEqual(policy.read_text(), "#!/bin/sh\n# the administrator's own\nexit 0\n")
+        self.assertEqual(policy.stat().st_mode & 0o777, 0o750)
+        self.assertEqual(sorted(p.name for p in folder.iterdir()),
+                         ["apt.log", "bin", "policy-rc.d"])
+
+
 class Fail2ban(unittest.TestCase):
     async def failure_log(self) -> tuple[str, int]:
         """Two failed logins to a relay in this process, one with a user name
