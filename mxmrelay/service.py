@@ -7,6 +7,7 @@ fails with one clear message instead of a relay that fails per message.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 from twisted.application import strports
@@ -32,6 +33,24 @@ if TYPE_CHECKING:
 #: Seconds of silence on the implicit-TLS port before a client is taken
 #: for a plain one waiting for its banner (TLS clients speak at once).
 PLAINTEXT_HINT_AFTER = 5.0
+
+#: The listen queue of every TCP listener, unless its endpoint string says
+#: ``backlog=``: Twisted's default of 50 drops the SYNs of a burst of
+#: clients (each then waits 1 s, 3 s, ... to retry).  The kernel caps it
+#: at net.core.somaxconn.  ``workers = N`` binds with the same value.
+LISTEN_BACKLOG = 1024
+_BACKLOG_KINDS = ("tcp", "tcp6", "ssl")
+
+
+def with_backlog(endpoint: str, backlog: int = LISTEN_BACKLOG) -> str:
+    """``endpoint`` with ``:backlog=N`` added if it is a ``tcp:``,
+    ``tcp6:`` or ``ssl:`` endpoint (also behind ``haproxy:``) that sets
+    none.  (``systemd:`` sockets come with the .socket unit's Backlog=.)"""
+    inner = endpoint[len("haproxy:"):] if endpoint.startswith("haproxy:") else endpoint
+    parts = re.split(r"(?<!\\):", inner)
+    if parts[0] not in _BACKLOG_KINDS or any(p.startswith("backlog=") for p in parts[1:]):
+        return endpoint
+    return f"{endpoint}:backlog={backlog}"
 
 
 class _Cleanup(Service):
@@ -195,7 +214,8 @@ def make_service(config: Config, reactor: Any, directory: IDirectory | None = No
     relay = relay_service(config, reactor, top, directory)
     for listener in config.listeners:
         factory = relay.factory(listener.role, listener.endpoint.startswith("haproxy:"))
-        strports.service(listener.endpoint, factory, reactor=reactor).setServiceParent(top)
+        strports.service(with_backlog(listener.endpoint), factory,
+                         reactor=reactor).setServiceParent(top)
     added = list(top)[-len(config.listeners):]
     for i, (listener, service) in enumerate(zip(config.listeners, added, strict=True)):
         top.labels[service] = f"listener[{i}] {listener.endpoint}"

@@ -63,7 +63,9 @@ def bind(listener: Listener) -> tuple[socket.socket, bool]:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, int(args[0])))
-        sock.listen(int(kwargs.get("backlog", "1024")))
+        from mxmrelay.service import LISTEN_BACKLOG
+
+        sock.listen(int(kwargs.get("backlog", LISTEN_BACKLOG)))
     elif kind == "systemd":
         # Twisted's own parser knows the inherited descriptors (it takes
         # LISTEN_FDS/LISTEN_PID out of the environment when it is imported).
