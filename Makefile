@@ -67,7 +67,8 @@ bench: $(VENV)/.installed $(CERT)
 	$(BIN)/python -m bench
 
 # The dependencies from the lock, hashes checked, then the project itself
-# without dependencies (the lock has them all; nothing unpinned sneaks in).
+# without dependencies (the lock has them all; nothing unpinned sneaks in;
+# pip check says so when setup.cfg changed and the lock did not).
 # A plain (not editable) install: it is what a deployment gets, and it puts
 # the plugin under site-packages/twisted/plugins where twistd looks.  The
 # plugin cache is rebuilt here, as root, so the service never needs to
@@ -76,6 +77,8 @@ $(VENV)/.installed: $(SOURCES) $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --require-hashes -r $(LOCK)
 	$(BIN)/pip install --quiet --no-deps .
+	@$(BIN)/pip check >/dev/null || { $(BIN)/pip check; \
+	  echo "the locks do not satisfy setup.cfg: run make lock"; exit 1; }
 	$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 	touch $@
 
