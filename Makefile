@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-SOURCES := $(shell find mxmrelay twisted -name '*.py') setup.cfg pyproject.toml
+SOURCES := $(shell find mxmrelay mxmrelay_refapi twisted -name '*.py') setup.cfg pyproject.toml
 CERT   := var/tls/localhost.pem
 # Every dependency pinned, with its hashes, so each install gets the same
 # packages whatever PyPI released since: requirements.lock has what the
@@ -96,7 +96,7 @@ lock:
 	test -x $(LOCK_TOOLS)/bin/uv || { $(PYTHON) -m venv $(LOCK_TOOLS) && \
 	  $(LOCK_TOOLS)/bin/pip install --quiet --isolated --index-url $(PYPI) uv==$(UV_VERSION); }
 	$(UV_COMPILE) setup.cfg -o $(RUNTIME_LOCK)
-	$(UV_COMPILE) --extra test -c $(RUNTIME_LOCK) setup.cfg -o $(LOCK)
+	$(UV_COMPILE) --extra test --extra refapi -c $(RUNTIME_LOCK) setup.cfg -o $(LOCK)
 
 # A self-signed certificate for localhost, for development only.  Made with
 # the venv's own cryptography package, so `make run` needs no openssl.
