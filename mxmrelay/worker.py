@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from mxmrelay.config import Config
 
 
-class _Control(LineOnlyReceiver):
+class WorkerControl(LineOnlyReceiver):
     """Our end of the control channel: report failures, apply blocks; and
     stop when the supervisor is gone (its end closes)."""
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     top = InOrder()
     relay = relay_service(config, reactor, top)
     settings = relay.settings
-    control = _Control({"address": settings.address_limiter, "user": settings.user_limiter},
+    control = WorkerControl({"address": settings.address_limiter, "user": settings.user_limiter},
                        reactor)
     settings.address_limiter.on_record = lambda key: control.report("address", key)
     settings.user_limiter.on_record = lambda key: control.report("user", key)

@@ -104,7 +104,7 @@ def _parse(desc: str) -> tuple[str, list[str], dict[str, str]]:
     return parts[0], args, kwargs
 
 
-class _Control(LineOnlyReceiver):
+class SupervisorControl(LineOnlyReceiver):
     """The supervisor's end of one worker's control channel.
 
     A worker sends ``["fail", "address"|"user", KEY]``; the supervisor
@@ -165,7 +165,7 @@ class Supervisor(Service):
             "user": FailureLimiter(clock, a.max_failures_per_user, a.window),
         }
         self.sockets = [(listener.role, *bind(listener)) for listener in config.listeners]
-        self.channels: set[_Control] = set()
+        self.channels: set[SupervisorControl] = set()
         self.workers: dict[int, _Worker] = {}
         self.transports: dict[int, Any] = {}
         self.backoff: dict[int, float] = {}
@@ -193,7 +193,7 @@ class Supervisor(Service):
             worker, sys.executable, argv, env=dict(os.environ), childFDs=child_fds)
         theirs.close()
         self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX,
-                                           Factory.forProtocol(lambda: _Control(self)))
+                                           Factory.forProtocol(lambda: SupervisorControl(self)))
         ours.close()
         self.workers[index] = worker
         log.info("worker {index} started pid={pid}", index=index,
