@@ -71,9 +71,6 @@ def check(path: Path, reactor: Any, *, activated: bool = False,
         if ok(key):
             _endpoint(report, where, f"{key}.endpoint", description, reactor, activated,
                       config.workers > 1)
-    if config.reference_api is not None and ok("reference_api"):
-        _endpoint(report, where, "reference_api.endpoint", config.reference_api.endpoint,
-                  reactor, activated, False)
     if config.listeners and ok("tls"):
         _tls(report, where, config.tls.certificate, config.tls.private_key,
              now or datetime.datetime.now(datetime.UTC))

@@ -28,11 +28,13 @@ role (both plain, then STARTTLS, which is required), ``smtps`` the 465 role
 #: The keys of each table; anything else is refused (see :func:`unknown_keys`).
 TOP_KEYS = ("hostname", "directory", "bounce_address", "max_message_size", "max_recipients",
             "idle_timeout", "max_connections_per_address", "spool_memory", "workers",
-            "tls", "listener", "delivery_api", "reference_api", "auth")
+            "tls", "listener", "delivery_api", "auth")
 TLS_KEYS = ("certificate", "private_key")
 LISTENER_KEYS = ("role", "endpoint")
 DELIVERY_KEYS = ("url", "token", "timeout", "ca_file")
-REFERENCE_KEYS = ("endpoint", "database", "token")
+#: A table this file once had: the reference API is a program of its own now.
+MOVED = {"reference_api": "the reference API now runs on its own, as "
+                          "`twistd mxmrelay-refapi --config FILE` (see the README)"}
 AUTH_KEYS = ("max_failures_per_connection", "max_failures_per_address",
              "max_failures_per_user", "window", "cache_ttl")
 
@@ -129,13 +131,6 @@ class DeliveryAPIConfig:
 
 
 @attrs.frozen
-class ReferenceAPIConfig:
-    endpoint: str
-    database: Path
-    token: str
-
-
-@attrs.frozen
 class Config:
     hostname: str
     directory: Path
@@ -143,7 +138,6 @@ class Config:
     tls: TLSConfig
     bounce_template: str
     delivery_api: DeliveryAPIConfig | None
-    reference_api: ReferenceAPIConfig | None = None
     auth: AuthConfig = AuthConfig()
     max_message_size: int = 25 * 1024 * 1024
     max_recipients: int = 100
@@ -167,7 +161,14 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], base: Path, where: str) -> Config:
-        """The configuration, or :class:`ConfigError` with every problem."""
+        """The configuration, or :class:`ConfigError` with every problem.
+
+        A table that moved elsewhere is the one problem reported: the rest
+        of such a file was written for another layout.
+        """
+        moved = [Problem(where, key, reason) for key, reason in MOVED.items() if key in data]
+        if moved:
+            raise ConfigError.of(moved)
         r = _Reader(data, base, where, [])
         config = _parse(r)
         if r.problems:
@@ -185,21 +186,18 @@ def _parse(r: _Reader) -> Config:
         if role and role not in ROLES:
             lr.problem("role", f"must be one of {', '.join(ROLES)}")
         listeners.append(Listener(role=role, endpoint=lr.string("endpoint")))
-    # What only the relay needs; a configuration that runs the
-    # reference API alone (no listeners) may leave it out.
-    relay = bool(listeners) or any(k in data for k in ("hostname", "directory", "tls"))
-    hostname, directory = "localhost", r.base
+    if not listeners:
+        r.problem("listener", "no [[listener]]: nothing to run")
+    hostname, directory = r.string("hostname"), r.path("directory")
     tls = TLSConfig(r.base, r.base)
-    if relay:
-        hostname, directory = r.string("hostname"), r.path("directory")
-        t = r.section("tls", TLS_KEYS)
-        if t is not None:
-            tls = TLSConfig(certificate=t.path("certificate"), private_key=t.path("private_key"))
-    bounce = "{id}@unused.invalid"
-    if relay or "bounce_address" in data:
-        bounce = _bounce(r)
+    t = r.section("tls", TLS_KEYS)
+    if t is not None:
+        tls = TLSConfig(certificate=t.path("certificate"), private_key=t.path("private_key"))
+    bounce = _bounce(r)
     delivery = None
     d = r.section("delivery_api", DELIVERY_KEYS) if "delivery_api" in data else None
+    if "delivery_api" not in data:
+        r.problem("delivery_api", "listeners need a [delivery_api] to forward to")
     if d is not None:
         url = d.string("url")
         if url and not url.startswith(("https://", "http://")):
@@ -210,15 +208,6 @@ def _parse(r: _Reader) -> Config:
             timeout=d.number("timeout", 30.0, low=0.1, high=600),
             ca_file=d.path("ca_file") if "ca_file" in d.data else None,
         )
-    reference = None
-    a = r.section("reference_api", REFERENCE_KEYS) if "reference_api" in data else None
-    if a is not None:
-        reference = ReferenceAPIConfig(
-            endpoint=a.string("endpoint"), database=a.path("database"), token=a.string("token"))
-    if not listeners and reference is None:
-        r.problem("listener", "no [[listener]] and no [reference_api]: nothing to run")
-    if listeners and "delivery_api" not in data:
-        r.problem("delivery_api", "listeners need a [delivery_api] to forward to")
     auth = AuthConfig()
     a = r.section("auth", AUTH_KEYS) if "auth" in data else None
     if a is not None:
@@ -236,7 +225,6 @@ def _parse(r: _Reader) -> Config:
         tls=tls,
         bounce_template=bounce,
         delivery_api=delivery,
-        reference_api=reference,
         auth=auth,
         max_message_size=r.integer("max_message_size", 25 * 1024 * 1024, low=1024),
         max_recipients=r.integer("max_recipients", 100, low=1, high=10_000),

@@ -6,10 +6,9 @@ port in use; an operator needs the file, the key and the reason instead.
 Everything that can be wrong in the files is checked *before* the service
 is built, by the checks ``mxmrelay-check`` runs (see mxmrelay/check.py).
 What can only fail as the service starts (a port in use) is turned into
-one line by :class:`_OneLine`.  Nothing is started before then (the
-reference API opens its database and worker thread only as its service
-starts, and :class:`~mxmrelay.service.InOrder` closes it again when a later
-service fails), so a plain ``SystemExit`` ends the process: no thread is
+one line by :class:`_OneLine`.  Nothing is started before then (and
+:class:`~mxmrelay.service.InOrder` releases what a service started when a
+later one fails), so a plain ``SystemExit`` ends the process: no thread is
 left to keep it alive.
 """
 

@@ -8,7 +8,7 @@ fails with one clear message instead of a relay that fails per message.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
@@ -20,15 +20,12 @@ from twisted.internet.ssl import CertificateOptions
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mxmrelay.auth import CredentialCache, DirectoryChecker, FailureLimiter
-from mxmrelay.config import Config, ReferenceAPIConfig
+from mxmrelay.config import Config
 from mxmrelay.delivery import Outbound, Realm
 from mxmrelay.directory import IDirectory, TomlDirectory
 from mxmrelay.forwarder import Forwarder
 from mxmrelay.smtp import Settings, SMTPFactory
 from mxmrelay.tls import ImplicitTLSFactory, server_context
-
-if TYPE_CHECKING:
-    from mxmrelay.refapi import ReferenceAPI
 
 #: Seconds of silence on the implicit-TLS port before a client is taken
 #: for a plain one waiting for its banner (TLS clients speak at once).
@@ -72,13 +69,12 @@ class StartFailed(Exception):
 class InOrder(MultiService):
     """A MultiService that stops its children one after the other, last
     first (MultiService stops them all at once): listeners, then goodbyes
-    and the sends in flight, then the forwarder and the reference API.
+    and the sends in flight, then the forwarder.
 
     When one child fails to start, what the others started and would keep
-    the process alive (the reference API's worker thread) is released at
-    once (see :meth:`abandon`), and :class:`StartFailed` names the child
-    by its label (``listener[1] tcp:2587``), so that start-up can end with
-    one line and a plain exit.
+    the process alive is released at once (see :meth:`abandon`), and
+    :class:`StartFailed` names the child by its label (``listener[1]
+    tcp:2587``), so that start-up can end with one line and a plain exit.
     """
 
     def __init__(self) -> None:
@@ -159,58 +155,9 @@ def _reason(e: Exception) -> str:
     return str(e) or type(e).__name__
 
 
-class _ReferenceAPIService(MultiService):
-    """The reference API and its port.
-
-    Its database and worker thread (not a daemon) are opened as the
-    service starts, not when it is built: a start-up that fails first (a
-    bad file, the workers' supervisor meeting a port in use) leaves no
-    thread behind to keep the process alive, and one that fails later
-    closes it through :meth:`abandon`.
-    """
-
-    def __init__(self, ref: ReferenceAPIConfig, reactor: Any) -> None:
-        super().__init__()
-        self.ref = ref
-        self.reactor = reactor
-        self.api: ReferenceAPI | None = None
-        self.name = f"reference_api {ref.endpoint}"
-
-    def privilegedStartService(self) -> None:
-        from mxmrelay.refapi import ReferenceAPI
-
-        ref, reactor = self.ref, self.reactor
-        ref.database.parent.mkdir(parents=True, exist_ok=True)
-        api = self.api = ReferenceAPI.open(ref.database, ref.token)
-        strports.service(ref.endpoint, api.site(), reactor=reactor).setServiceParent(self)
-        super().privilegedStartService()
-
-    def stopService(self) -> Deferred[None]:
-        d: Deferred[None] = maybeDeferred(super().stopService)
-        return d.addBoth(self._closed)
-
-    def _closed(self, result: Any) -> Any:
-        self.abandon()
-        return result
-
-    def abandon(self) -> None:
-        if self.api is not None:
-            self.api.close()
-
-
-def reference_api(config: Config, reactor: Any, parent: MultiService) -> None:
-    """Run the reference delivery API here, if the configuration says so."""
-    if config.reference_api is None:
-        return
-    _ReferenceAPIService(config.reference_api, reactor).setServiceParent(parent)
-
-
 def make_service(config: Config, reactor: Any, directory: IDirectory | None = None) -> MultiService:
-    """Build the relay (and the reference API, if configured)."""
+    """Build the relay: its forwarder, factories and listeners."""
     top = InOrder()
-    reference_api(config, reactor, top)
-    if not config.listeners:
-        return top
     relay = relay_service(config, reactor, top, directory)
     for listener in config.listeners:
         factory = relay.factory(listener.role, listener.endpoint.startswith("haproxy:"))

@@ -5,9 +5,9 @@ workers.  The supervisor (the twistd process) binds the listening sockets
 once, or takes them from systemd socket activation, and starts N worker
 processes that inherit them and accept from the same queues; it restarts
 a worker that dies.  What must exist once stays in the supervisor: the
-reference API (when configured) and the AUTH failure counts, which
-workers report over a socket pair and which come back as blocks for every
-worker, so an attacker meets one limit however connections are spread.
+AUTH failure counts, which workers report over a socket pair and which
+come back as blocks for every worker, so an attacker meets one limit
+however connections are spread.
 """
 
 from __future__ import annotations
@@ -247,10 +247,8 @@ class Supervisor(Service):
 
 
 def make_supervised_service(config: Config, config_path: Path, reactor: Any) -> MultiService:
-    from mxmrelay.service import InOrder, reference_api
+    from mxmrelay.service import InOrder
 
     top = InOrder()
-    reference_api(config, reactor, top)
-    if config.listeners:
-        Supervisor(config_path.resolve(), config, reactor).setServiceParent(top)
+    Supervisor(config_path.resolve(), config, reactor).setServiceParent(top)
     return top

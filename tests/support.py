@@ -26,8 +26,8 @@ from mxmrelay.auth import hash_password
 from mxmrelay.config import Config
 from mxmrelay.directory import TomlDirectory
 from mxmrelay.forwarder import Forwarder
-from mxmrelay.refapi import ReferenceAPI
 from mxmrelay.service import Relay
+from mxmrelay_refapi.api import ReferenceAPI
 
 T = TypeVar("T")
 
@@ -99,7 +99,7 @@ class API:
     """The reference delivery API, listening on a loopback port."""
 
     def __init__(self, testcase: Any, folder: Path) -> None:
-        self.api = ReferenceAPI.open(folder / "api.sqlite3", TOKEN)
+        self.api = ReferenceAPI.open(folder / "api.sqlite3", TOKEN, reactor=reactor)
         self.site = self.api.site()
         self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
         self.url = f"http://127.0.0.1:{self.port.getHost().port}/v1/sends"

@@ -213,15 +213,11 @@ class CheckCommand(SynchronousTestCase):
             {"role": "submission", "endpoint": "tcp:port587"},
             {"role": "smtps", "endpoint": "systemd:domain=INET7:index=2"},
         ]
-        data["reference_api"] = {"endpoint": "tcp:8025:interfaces=127.0.0.1",
-                                 "database": "api.sqlite3", "token": "t"}
         self.assertProblems(data, folder, [
             re.escape("{file}: listener[0].endpoint: 'tcpx:25': ") + ".*tcpx.*",
             re.escape("{file}: listener[1].endpoint: 'tcp:port587': ") + ".+",
             re.escape("{file}: listener[2].endpoint: 'systemd:domain=INET7:index=2': "
                       "domain= must be one of INET, INET6, UNIX"),
-            re.escape("{file}: reference_api.endpoint: 'tcp:8025:interfaces=127.0.0.1': ")
-            + ".*interfaces.*",
         ])
 
     def test_systemd_endpoints_need_no_socket_and_nothing_is_bound(self) -> None:

@@ -2,9 +2,10 @@
 
 - swaks and curl, the clients customers and operators really use, against
   a relay in this process (real TLS on loopback, the real reference API).
-- ``twistd -n mxmrelay`` as a separate process: start, a send, SIGTERM;
-  the reference API and the relay as two processes; systemd socket
-  activation with the production example's endpoints; start-up errors.
+- ``twistd -n mxmrelay`` as a separate process: start, a send, SIGTERM,
+  beside ``twistd -n mxmrelay-refapi`` (the reference API's own process);
+  systemd socket activation with the production example's endpoints;
+  start-up errors of both.
 - What ships: the wheel, ``mxmrelay-passwd``, the systemd units, the
   fail2ban filter.
 
@@ -150,15 +151,15 @@ async def accepts(port: int, greeting: bool = False) -> bool:
 
 
 class Twistd(ProcessProtocol):
-    """One ``twistd -n mxmrelay`` process: its output, its end."""
+    """One ``twistd -n mxmrelay`` (or ``plugin``) process: its output, its end."""
 
     def __init__(self, testcase: unittest.TestCase, config: Path, *,
-                 sockets: list[socket.socket] | None = None) -> None:
+                 sockets: list[socket.socket] | None = None, plugin: str = "mxmrelay") -> None:
         self.data = bytearray()
         self.ended: Deferred[None] = Deferred()
         self.code: int | None = None
         self.signal: int | None = None
-        argv = [str(TWISTD), "-n", "--pidfile=", "mxmrelay", "--config", str(config)]
+        argv = [str(TWISTD), "-n", "--pidfile=", plugin, "--config", str(config)]
         env = child_env()
         fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
         executable = str(TWISTD)
@@ -268,8 +269,17 @@ def relay_config(folder: Path, ports: dict[str, int], api_url: str) -> dict[str,
 
 
 def reference_api(folder: Path, port: int) -> dict[str, Any]:
+    """A configuration of ``twistd mxmrelay-refapi`` on ``port``."""
     return {"endpoint": f"tcp:{port}:interface=127.0.0.1",
             "database": str(folder / "refapi.sqlite3"), "token": TOKEN}
+
+
+async def refapi_process(testcase: unittest.TestCase, folder: Path, port: int) -> Twistd:
+    """The reference API in its own process, accepting on ``port``."""
+    api = Twistd(testcase, write(folder / "api", "refapi.toml", reference_api(folder, port)),
+                 plugin="mxmrelay-refapi")
+    await api.listening(port)
+    return api
 
 
 def write(folder: Path, name: str, data: dict[str, Any] | str) -> Path:
@@ -474,12 +484,12 @@ class Process(unittest.TestCase):
         if not TWISTD.exists():
             raise unittest.SkipTest(f"{TWISTD} is missing")
 
-    async def test_relay_and_api_in_one_process(self) -> None:
+    async def test_relay_and_api(self) -> None:
         folder = folder_for(self)
         smtp, submission, smtps, api = free_ports(4)
+        api_proc = await refapi_process(self, folder, api)
         data = relay_config(folder, {"smtp": smtp, "submission": submission, "smtps": smtps},
                             f"http://127.0.0.1:{api}/v1/sends")
-        data["reference_api"] = reference_api(folder, api)
         proc = Twistd(self, write(folder, "relay.toml", data))
         await proc.listening(submission)
         ca = Path(data["tls"]["certificate"])
@@ -503,13 +513,14 @@ class Process(unittest.TestCase):
         self.assertEqual(banned_hosts(proc.text),
                          ["127.0.0.1"] * proc.text.count("] auth failure rhost="))
         self.assertTrue(banned_hosts(proc.text))
+        await api_proc.stop(self)
 
-    async def test_relay_and_api_in_two_processes(self) -> None:
+    async def test_relay_and_api_started_together(self) -> None:
+        """As `make run` starts them: neither waits for the other."""
         folder = folder_for(self)
         smtps, api = free_ports(2)
-        api_only = base_config(folder)
-        api_only["reference_api"] = reference_api(folder, api)
-        api_proc = Twistd(self, write(folder / "api", "api.toml", api_only))
+        api_proc = Twistd(self, write(folder / "api", "api.toml", reference_api(folder, api)),
+                          plugin="mxmrelay-refapi")
         relay = relay_config(folder, {"smtps": smtps}, f"http://127.0.0.1:{api}/v1/sends")
         relay_proc = Twistd(self, write(folder / "relay", "relay.toml", relay))
         await gatherResults([Deferred.fromCoroutine(api_proc.listening(api)),
@@ -562,7 +573,7 @@ class Process(unittest.TestCase):
         data = base_config(folder)
         data["listener"] = example["listener"]
         data["delivery_api"] = {"url": f"http://127.0.0.1:{api_port}/v1/sends", "token": TOKEN}
-        data["reference_api"] = reference_api(folder, api_port)
+        api = await refapi_process(self, folder, api_port)
         data["workers"] = workers
         proc = Twistd(self, write(folder, "relay.toml", data), sockets=sockets)
         for s in sockets:
@@ -580,14 +591,13 @@ class Process(unittest.TestCase):
             # domain=INET on these sockets would read garbage here.
             self.assertEqual(stored["client"]["address"], "::ffff:127.0.0.1")
         await proc.stop(self)
+        await api.stop(self)
 
     async def test_startup_errors(self) -> None:
         """Each mistake: exit 1 within seconds, one line naming the file and
-        the key, no traceback, and no hang (the [reference_api]'s database
-        thread used to keep a failed start-up alive after its message)."""
+        the key, no traceback, and no hang."""
         folder = folder_for(self)
         good = relay_config(folder, {"submission": 0}, "http://127.0.0.1:9/v1/sends")
-        good["reference_api"] = reference_api(folder, 0)
         cases: list[tuple[Path, list[str]]] = []
 
         missing_cert = {**good, "tls": {**good["tls"],
@@ -616,8 +626,8 @@ class Process(unittest.TestCase):
         cases.append((write(folder / "systemd", "relay.toml", activated),
                       ["listener[0].endpoint", "no such socket passed by systemd"]))
 
-        # workers: the supervisor binds after the reference API has started
-        # its database thread; a port in use must still end the process.
+        # workers: the supervisor binds as it is built; a port in use must
+        # still end the process.
         taken = socket.socket()
         self.addCleanup(taken.close)
         taken.bind(("127.0.0.1", 0))
@@ -691,7 +701,6 @@ class Packaging(unittest.TestCase):
 
     def test_production_example(self) -> None:
         config = Config.from_file(ETC / "mxmrelay.toml")
-        self.assertIsNone(config.reference_api)
         assert config.delivery_api is not None
         self.assertTrue(config.delivery_api.url.startswith("https://"))
         self.assertTrue(str(config.directory).startswith("/etc/mxmrelay/"))

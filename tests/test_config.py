@@ -18,8 +18,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 #: The keys of each table, as the configuration module knows them.
 TABLES = {"": cfg.TOP_KEYS, "tls": cfg.TLS_KEYS, "listener": cfg.LISTENER_KEYS,
-          "delivery_api": cfg.DELIVERY_KEYS, "reference_api": cfg.REFERENCE_KEYS,
-          "auth": cfg.AUTH_KEYS}
+          "delivery_api": cfg.DELIVERY_KEYS, "auth": cfg.AUTH_KEYS}
 
 
 def reference_rows() -> list[tuple[str, list[str], str]]:
@@ -114,8 +113,6 @@ class UnknownKeys(SynchronousTestCase):
         data = {**good, "max_recipient": 5, "Hostname": "x",
                 "tls": {**good["tls"], "private-key": "k"},
                 "auth": {"max_failure_per_user": 1},
-                "reference_api": {"endpoint": "tcp:0", "database": "d", "token": "t",
-                                  "tokn": "t"},
                 "delivery_api": {**good["delivery_api"], "timout": 5}}
         data["listener"] = [{"role": "smtp", "endpoint": "tcp:0", "backlog": 10}]
         self.assertEqual(self.problems(data), [
@@ -124,7 +121,6 @@ class UnknownKeys(SynchronousTestCase):
             "x.toml: listener[0].backlog: unknown key",
             "x.toml: tls.private-key: unknown key (did you mean 'private_key'?)",
             "x.toml: delivery_api.timout: unknown key (did you mean 'timeout'?)",
-            "x.toml: reference_api.tokn: unknown key (did you mean 'token'?)",
             "x.toml: auth.max_failure_per_user: unknown key "
             "(did you mean 'max_failures_per_user'?)",
         ])

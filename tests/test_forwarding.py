@@ -34,7 +34,6 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from mxmrelay.refapi import ReferenceAPI
 from tests.support import TOKEN, RawClient, RelayUnderTest, fetch_bytes, fetch_json, in_thread
 
 QUEUED = "250 2.0.0 Ok: queued as "
@@ -94,10 +93,10 @@ class Server(WrappingFactory):
 
 
 def reference_api(testcase: unittest.TestCase, **kwargs: Any) -> tuple[ReferenceAPI, Server]:
-    """The reference API, served (the way ``refapi`` says to) on loopback."""
+    """The reference API, served (the way ``mxmrelay_refapi.api`` says to) on loopback."""
     folder = Path(testcase.mktemp()).resolve()
     folder.mkdir(parents=True)
-    api = ReferenceAPI.open(folder / "api.sqlite3", TOKEN, **kwargs)
+    api = ReferenceAPI.open(folder / "api.sqlite3", TOKEN, reactor=reactor, **kwargs)
     testcase.addCleanup(api.close)  # after the server's clean-up (LIFO)
     return api, Server(testcase, api.site())
 
@@ -621,7 +620,7 @@ class Retries(unittest.TestCase):
         number = await closed_port()
         folder = Path(self.mktemp()).resolve()
         folder.mkdir(parents=True)
-        api = ReferenceAPI.open(folder / "api.sqlite3", TOKEN)
+        api = ReferenceAPI.open(folder / "api.sqlite3", TOKEN, reactor=reactor)
         self.addCleanup(api.close)
         relay = relay_to(self, f"http://127.0.0.1:{number}/v1/sends")
         data = message("Down and up")
@@ -775,7 +774,7 @@ class HTTPS(unittest.TestCase):
         folder = Path(self.mktemp()).resolve()
         folder.mkdir(parents=True)
         cert, key = make_certificate(folder / "api-tls", "localhost")
-        api = ReferenceAPI.open(folder / "api.sqlite3", TOKEN)
+        api = ReferenceAPI.open(folder / "api.sqlite3", TOKEN, reactor=reactor)
         self.addCleanup(api.close)
         port = reactor.listenSSL(0, api.site(), server_context(cert, key),
                                  interface="127.0.0.1")

@@ -13,8 +13,10 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
-from mxmrelay import refapi
-from mxmrelay.refapi import BadRequest, SendQuery, address_key, page_sql
+from mxmrelay_refapi.contract import BadRequest
+from mxmrelay_refapi.pages import page_sql, select_page
+from mxmrelay_refapi.query import SendQuery, address_key
+from mxmrelay_refapi.storage import connect
 
 
 def query(*pairs: tuple[str, str]) -> SendQuery:
@@ -128,7 +130,7 @@ class Storage(unittest.TestCase):
     def connect(self) -> sqlite3.Connection:
         folder = Path(self.mktemp())
         folder.mkdir(parents=True)
-        conn = refapi._connect(folder / "sends.sqlite3")
+        conn = connect(folder / "sends.sqlite3")
         self.addCleanup(conn.close)
         return conn
 
@@ -177,7 +179,7 @@ class Storage(unittest.TestCase):
         )
         old.commit()
         old.close()
-        conn = refapi._connect(path)
+        conn = connect(path)
         self.addCleanup(conn.close)
         self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], 2)
         self.assertEqual(
@@ -187,9 +189,9 @@ class Storage(unittest.TestCase):
             conn.execute("SELECT address FROM send_recipients ORDER BY 1").fetchall(),
             [("ann@example.org",), ("audit@example.com",)],
         )
-        page = refapi._select_page(conn, SendQuery(to="audit@example.com"))
+        page = select_page(conn, SendQuery(to="audit@example.com"))
         self.assertEqual([s.id for s in page.sends], ["old"])
         conn.close()
-        again = refapi._connect(path)  # Opened again: nothing to do, nothing doubled.
+        again = connect(path)  # Opened again: nothing to do, nothing doubled.
         self.addCleanup(again.close)
         self.assertEqual(again.execute("SELECT count(*) FROM send_recipients").fetchone()[0], 2)

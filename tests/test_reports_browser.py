@@ -23,7 +23,7 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
-from mxmrelay.refapi import ReferenceAPI
+from mxmrelay_refapi.api import ReferenceAPI
 
 CHROMIUM = "/usr/bin/chromium"
 #: Seconds for one page; Chromium normally needs one or two.
@@ -159,7 +159,7 @@ class ReportsInChromium(unittest.TestCase):
         folder = Path(self.mktemp())
         folder.mkdir(parents=True)
         self.folder = folder
-        self.api = ReferenceAPI.open(folder / "sends.sqlite3", TOKEN)
+        self.api = ReferenceAPI.open(folder / "sends.sqlite3", TOKEN, reactor=reactor)
         self.addCleanup(self.api.close)
         port = reactor.listenTCP(0, self.api.site(), interface="127.0.0.1")
         self.addCleanup(port.stopListening)

@@ -127,42 +127,32 @@ class Twistd(unittest.TestCase):
         self.assertOneLine(proc, f"mxmrelay: cannot start: {config}: tls.certificate: "
                                  f"{missing}: cannot read certificate: No such file or directory")
 
-    def busy(self, folder: Path, reference_api: bool) -> tuple[Path, int]:
+    def busy(self, folder: Path) -> tuple[Path, int]:
         port = busy_port(self)
         data = good_config(folder)
         data["listener"] = [
             {"role": "smtp", "endpoint": "tcp:0:interface=127.0.0.1"},
             {"role": "submission", "endpoint": f"tcp:{port}:interface=127.0.0.1"},
         ]
-        if reference_api:
-            # As `make run` does: the reference API in the same process,
-            # started (with its database thread) before the listeners.
-            data["reference_api"] = {"endpoint": "tcp:0:interface=127.0.0.1",
-                                     "database": "api.sqlite3", "token": "t"}
         return self.write(folder, data), port
 
     async def test_port_in_use(self) -> None:
-        config, port = self.busy(self.folder(), reference_api=False)
+        config, port = self.busy(self.folder())
         proc = await twistd(self, config)
         self.assertOneLine(proc, f"mxmrelay: cannot start: listener[1] "
                                  f"tcp:{port}:interface=127.0.0.1: address already in use")
 
-    async def test_port_in_use_with_the_reference_api(self) -> None:
-        config, port = self.busy(self.folder(), reference_api=True)
-        proc = await twistd(self, config)
-        self.assertOneLine(proc, f"mxmrelay: cannot start: listener[1] "
-                                 f"tcp:{port}:interface=127.0.0.1: address already in use")
-
-    async def test_reference_api_port_in_use(self) -> None:
+    async def test_a_reference_api_table_is_one_line(self) -> None:
+        """The table the reference API had before it ran on its own."""
         folder = self.folder()
-        port = busy_port(self)
         data = good_config(folder)
-        data["listener"] = [{"role": "smtp", "endpoint": "tcp:0:interface=127.0.0.1"}]
-        data["reference_api"] = {"endpoint": f"tcp:{port}:interface=127.0.0.1",
+        data["reference_api"] = {"endpoint": "tcp:0:interface=127.0.0.1",
                                  "database": "api.sqlite3", "token": "t"}
-        proc = await twistd(self, self.write(folder, data))
-        self.assertOneLine(proc, f"mxmrelay: cannot start: reference_api "
-                                 f"tcp:{port}:interface=127.0.0.1: address already in use")
+        config = self.write(folder, data)
+        proc = await twistd(self, config)
+        self.assertOneLine(proc, f"mxmrelay: cannot start: {config}: reference_api: the "
+                                 "reference API now runs on its own, as `twistd "
+                                 "mxmrelay-refapi --config FILE` (see the README)")
 
 
 class Passwd(unittest.SynchronousTestCase):

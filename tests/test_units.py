@@ -12,7 +12,6 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mxmrelay.auth import (
     FailureLimiter,
-    SASLError,
     decode_response,
     hash_password,
     parse_plain,
@@ -166,18 +165,18 @@ class SASL(SynchronousTestCase):
         self.assertEqual(decode_response(b"="), b"")
         self.assertEqual(decode_response(b"YQ=="), b"a")
         for bad, code in [(b"*", 501), (b"YQ", 501), (b"Y Q==", 501), (b"\xff", 501)]:
-            with self.assertRaises(SASLError) as e:
+            with self.assertRaises(Reply) as e:
                 decode_response(bad)
             self.assertEqual(e.exception.code, code)
 
     def test_plain(self) -> None:
         self.assertEqual(parse_plain(b"\0u@x\0pw"), ("u@x", "pw"))
         self.assertEqual(parse_plain(b"U@X\0u@x\0pw"), ("u@x", "pw"))
-        with self.assertRaises(SASLError) as e:
+        with self.assertRaises(Reply) as e:
             parse_plain(b"admin@x\0u@x\0pw")
         self.assertEqual(e.exception.code, 535)
         for bad in (b"u@x\0pw", b"\0\0pw", b"\0\xff\0pw", b"a\0b\0c\0d"):
-            self.assertRaises(SASLError, parse_plain, bad)
+            self.assertRaises(Reply, parse_plain, bad)
 
 
 class Passwords(SynchronousTestCase):
@@ -325,11 +324,11 @@ class WorkersSetting(SynchronousTestCase):
 
 class HugeAddressFields(SynchronousTestCase):
     def test_only_the_first_mailboxes_are_read(self) -> None:
-        from mxmrelay import rules
+        from mxmrelay import addresses, rules
 
         field = b"To: x@example.org," + b"a," * 500_000 + b"\r\n"
-        boxes = rules._mailboxes(field, 4, len(field) - 2)
-        self.assertEqual(len(boxes[0]), rules.MAX_MAILBOXES)
+        boxes = addresses.mailboxes(field, 4, len(field) - 2)
+        self.assertEqual(len(boxes[0]), addresses.MAX_MAILBOXES)
         space = TomlDirectory.from_dict({"customer": [
             {"id": "c", "domains": ["example.com"]}]}, "d").spaces["c"]
         sent = rules.apply_rules(Envelope("a@example.com", ("x@example.org",)),
@@ -355,15 +354,23 @@ class Networks(SynchronousTestCase):
         self.assertEqual((s.client, s.network), ("198.51.100.1", "198.51.100.1"))
 
 
-class ReferenceAPIAlone(SynchronousTestCase):
-    def test_needs_no_relay_keys(self) -> None:
+class ReferenceAPIMoved(SynchronousTestCase):
+    def test_its_table_is_one_line_saying_where_it_went(self) -> None:
         folder = Path(self.mktemp()).resolve()
         folder.mkdir(parents=True)
-        c = Config.from_dict({"reference_api": {"endpoint": "tcp:0", "database": "api.sqlite3",
+        with self.assertRaises(ConfigError) as e:
+            Config.from_dict({"reference_api": {"endpoint": "tcp:0", "database": "api.sqlite3",
                                                 "token": "t"}}, folder, "api.toml")
-        self.assertEqual(c.listeners, ())
-        assert c.reference_api is not None
-        self.assertEqual(c.reference_api.database, folder / "api.sqlite3")
+        self.assertEqual(str(e.exception).splitlines(), [
+            "api.toml: reference_api: the reference API now runs on its own, as "
+            "`twistd mxmrelay-refapi --config FILE` (see the README)"])
+
+    def test_the_relay_always_needs_listeners(self) -> None:
+        folder = Path(self.mktemp()).resolve()
+        folder.mkdir(parents=True)
+        with self.assertRaises(ConfigError) as e:
+            Config.from_dict({}, folder, "x")
+        self.assertIn("x: listener: no [[listener]]: nothing to run", str(e.exception))
         with self.assertRaises(ConfigError) as e:
             Config.from_dict({"listener": [{"role": "smtp", "endpoint": "tcp:0"}]}, folder, "x")
         self.assertIn("x: hostname: ", str(e.exception))

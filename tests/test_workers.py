@@ -81,10 +81,6 @@ endpoint = "tcp:{self.port}:interface=127.0.0.1"
 [delivery_api]
 url = "http://127.0.0.1:{api}/v1/sends"
 token = "t"
-[reference_api]
-endpoint = "tcp:{api}:interface=127.0.0.1"
-database = "{folder / 'api.sqlite3'}"
-token = "t"
 [auth]
 {auth_lines}""")
         self.out = Output()
@@ -94,7 +90,7 @@ token = "t"
                                     str(config)], env=env, path=str(folder))
         self.addCleanup(self.stop)
         await self.until(lambda: len(self.pids()) == workers and
-                         self.out.text.count("starting on") >= workers + 1)
+                         self.out.text.count("starting on") >= workers)
 
     async def stop(self) -> None:
         for pid in self.pids().values():
