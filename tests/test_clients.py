@@ -49,6 +49,7 @@ from twisted.trial import unittest
 
 from mxmrelay.auth import verify_password
 from mxmrelay.config import Config
+from mxmrelay_refapi.config import RefAPIConfig
 from tests.support import RelayUnderTest, fetch_json, in_thread, make_certificate, message
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -671,15 +672,18 @@ class Packaging(unittest.TestCase):
             entry_points = next(whl.read(n).decode() for n in names
                                 if n.endswith(".dist-info/entry_points.txt"))
         self.assertIn("twisted/plugins/mxmrelay_plugin.py", names)
+        self.assertIn("twisted/plugins/mxmrelay_refapi_plugin.py", names)
         self.assertIn("mxmrelay/py.typed", names)
+        self.assertIn("mxmrelay_refapi/py.typed", names)
         # twisted/ and twisted/plugins/ belong to Twisted: an __init__.py of
         # ours would shadow it, or hide every other plugin.
         self.assertNotIn("twisted/__init__.py", names)
         self.assertNotIn("twisted/plugins/__init__.py", names)
         # Every module of the package, and nothing else.
-        modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "mxmrelay").rglob("*.py")}
-        self.assertEqual({n for n in names if n.startswith("mxmrelay/") and n.endswith(".py")},
-                         modules)
+        for package in ("mxmrelay", "mxmrelay_refapi"):
+            modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / package).rglob("*.py")}
+            self.assertEqual({n for n in names
+                              if n.startswith(f"{package}/") and n.endswith(".py")}, modules)
         self.assertIn("mxmrelay-passwd = mxmrelay.passwords:main", entry_points)
 
     async def test_mxmrelay_passwd(self) -> None:
@@ -830,48 +834,55 @@ class MakeRun(unittest.TestCase):
 
     async def test_ports(self) -> None:
         folder = folder_for(self)
-        generated = folder / "dev.toml"
+        generated, api_generated = folder / "dev.toml", folder / "refapi.toml"
         output, code = await self.make("dev-config", "PORTS=3525,3587,3465,3025",
-                                       f"DEV_CONFIG={generated}")
+                                       f"DEV_CONFIG={generated}",
+                                       f"REFAPI_CONFIG={api_generated}")
         self.assertEqual(code, 0, output)
         config = Config.from_file(generated)
         self.assertEqual({x.role: x.endpoint for x in config.listeners}, {
             "smtp": "tcp:3525:interface=127.0.0.1",
             "submission": "tcp:3587:interface=127.0.0.1",
             "smtps": "tcp:3465:interface=127.0.0.1"})
-        assert config.reference_api is not None and config.delivery_api is not None
-        self.assertEqual(config.reference_api.endpoint, "tcp:3025:interface=127.0.0.1")
+        api = RefAPIConfig.from_file(api_generated)
+        assert config.delivery_api is not None
+        self.assertEqual(api.endpoint, "tcp:3025:interface=127.0.0.1")
         # The relay forwards to the reference API where it now listens.
         self.assertEqual(config.delivery_api.url, "http://127.0.0.1:3025/v1/sends")
         # The files are the checkout's, wherever the copy is.
         self.assertEqual(config.directory, DEV_DIRECTORY)
         self.assertEqual(config.tls.certificate, ROOT / "var/tls/localhost.pem")
         self.assertEqual(config.tls.private_key, ROOT / "var/tls/localhost.key")
-        self.assertEqual(config.reference_api.database, ROOT / "var/refapi.sqlite3")
-        # Nothing else differs from etc/mxmrelay.dev.toml.
+        self.assertEqual(api.database, ROOT / "var/refapi.sqlite3")
+        # Nothing else differs from etc/mxmrelay.dev.toml and etc/refapi.dev.toml.
         original = Config.from_file(ETC / "mxmrelay.dev.toml")
-        assert original.reference_api is not None and original.delivery_api is not None
+        original_api = RefAPIConfig.from_file(ETC / "refapi.dev.toml")
+        self.assertEqual(attrs.evolve(api, endpoint=original_api.endpoint,
+                                      database=original_api.database), original_api)
+        self.assertEqual(original_api.token, original.delivery_api.token)
+        assert original.delivery_api is not None
         self.assertEqual([x.role for x in config.listeners],
                          [x.role for x in original.listeners])
         self.assertEqual(attrs.evolve(config.delivery_api, url=original.delivery_api.url),
                          original.delivery_api)
-        self.assertEqual(attrs.evolve(config.reference_api,
-                                      endpoint=original.reference_api.endpoint,
-                                      database=original.reference_api.database),
-                         original.reference_api)
         self.assertEqual(attrs.evolve(config, listeners=original.listeners,
-                                      reference_api=original.reference_api,
                                       delivery_api=original.delivery_api,
                                       directory=original.directory, tls=original.tls,
                                       source=original.source),
                          original)
 
-    async def test_run_uses_the_copy_only_with_ports(self) -> None:
+    async def test_run_uses_the_copies_only_with_ports(self) -> None:
+        """Two processes: the reference API in the background, stopped
+        (trap) when the relay in the foreground ends."""
         output, code = await self.make("-n", "run")
         self.assertEqual(code, 0, output)
+        self.assertIn(" mxmrelay-refapi --config etc/refapi.dev.toml & api=$!;", output)
+        self.assertIn("trap 'kill $api", output)
         self.assertIn(" mxmrelay --config etc/mxmrelay.dev.toml\n", output)
         output, code = await self.make("-n", "run", "PORTS=3525,3587,3465,3025")
         self.assertEqual(code, 0, output)
+        self.assertIn(" mxmrelay-refapi --config var/refapi.dev.3525-3587-3465-3025.toml &",
+                      output)
         self.assertIn(" mxmrelay --config var/mxmrelay.dev.3525-3587-3465-3025.toml\n",
                       output)
 

@@ -34,6 +34,7 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from mxmrelay_refapi.api import ReferenceAPI
 from tests.support import TOKEN, RawClient, RelayUnderTest, fetch_bytes, fetch_json, in_thread
 
 QUEUED = "250 2.0.0 Ok: queued as "
