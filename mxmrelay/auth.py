@@ -27,6 +27,7 @@ from twisted.internet.threads import deferToThread
 from zope.interface import implementer
 
 from mxmrelay.directory import IDirectory, User
+from mxmrelay.reply import Reply
 
 # scrypt cost: 2**14 * 8 * 128 bytes = 16 MiB and ~40 ms per check.
 _N, _R, _P, _DKLEN = 2**14, 8, 1, 32
@@ -162,25 +163,20 @@ def _verify_or_dummy(password: str, encoded: str | None) -> bool:
     return verify_password(password, encoded)
 
 
-class SASLError(Exception):
-    """A malformed SASL exchange; carries the SMTP reply to give."""
-
-    def __init__(self, code: int, enhanced: str, text: str) -> None:
-        super().__init__(text)
-        self.code, self.enhanced, self.text = code, enhanced, text
-
-
 def decode_response(line: bytes) -> bytes:
-    """Strictly decode one base64 SASL response line (``=`` is empty)."""
+    """Strictly decode one base64 SASL response line (``=`` is empty).
+
+    These SASL helpers raise the :class:`~mxmrelay.reply.Reply` a malformed
+    exchange gets, so the session answers with it as it is."""
     line = line.strip()
     if line == b"*":
-        raise SASLError(501, "5.7.0", "Authentication aborted")
+        raise Reply(501, "5.7.0", "Authentication aborted")
     if line == b"=":
         return b""
     try:
         return binascii.a2b_base64(line, strict_mode=True)
     except (binascii.Error, ValueError):
-        raise SASLError(501, "5.5.2", "Cannot decode response") from None
+        raise Reply(501, "5.5.2", "Cannot decode response") from None
 
 
 def parse_plain(response: bytes) -> tuple[str, str]:
@@ -191,12 +187,12 @@ def parse_plain(response: bytes) -> tuple[str, str]:
     """
     parts = response.split(b"\0")
     if len(parts) != 3:
-        raise SASLError(501, "5.5.2", "Cannot decode response")
+        raise Reply(501, "5.5.2", "Cannot decode response")
     authzid, authcid, passwd = (_utf8(p) for p in parts)
     if not authcid or not authcid.isprintable() or not authzid.isprintable():
-        raise SASLError(501, "5.5.2", "Cannot decode response")
+        raise Reply(501, "5.5.2", "Cannot decode response")
     if authzid and authzid.lower() != authcid.lower():
-        raise SASLError(535, "5.7.8", "Authentication credentials invalid")
+        raise Reply(535, "5.7.8", "Authentication credentials invalid")
     return authcid, passwd
 
 
@@ -205,7 +201,7 @@ def decode_text(response: bytes, *, name: bool = False) -> str:
     line breaks to smuggle into logs or the workers' control channel)."""
     text = _utf8(response)
     if name and not (text and text.isprintable()):
-        raise SASLError(501, "5.5.2", "Cannot decode response")
+        raise Reply(501, "5.5.2", "Cannot decode response")
     return text
 
 
@@ -213,7 +209,7 @@ def _utf8(b: bytes) -> str:
     try:
         return b.decode("utf-8")
     except UnicodeDecodeError:
-        raise SASLError(501, "5.5.2", "Cannot decode response") from None
+        raise Reply(501, "5.5.2", "Cannot decode response") from None
 
 
 @attrs.define

@@ -23,11 +23,14 @@ from twisted.mail.smtp import IMessageDelivery
 from zope.interface import implementer
 
 from mxmrelay import rules
+from mxmrelay.connection import ConnectionInfo
+from mxmrelay.datareader import IBulkMessage
 from mxmrelay.directory import User
+from mxmrelay.envelope import MAX_PATH
 from mxmrelay.forwarder import Forwarder
-from mxmrelay.reply import Reply
-from mxmrelay.smtp import IBulkMessage, Session
+from mxmrelay.reply import Reply, quote
 from mxmrelay.spool import Spool
+from mxmrelay.trace import received_header
 
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford's base 32, lower case
 
@@ -91,8 +94,8 @@ class Realm:
     def requestAvatar(
         self, avatarId: Any, mind: Any, *interfaces: Any
     ) -> tuple[Any, CustomerDelivery, Callable[[], None]]:
-        # The checker's avatar id is the User, the mind the Session.
-        assert isinstance(avatarId, User) and isinstance(mind, Session)
+        # The checker's avatar id is the User, the mind the ConnectionInfo.
+        assert isinstance(avatarId, User) and isinstance(mind, ConnectionInfo)
         if IMessageDelivery not in interfaces:
             raise NotImplementedError("mxmrelay only provides IMessageDelivery")
         return IMessageDelivery, CustomerDelivery(avatarId, mind, self.outbound), lambda: None
@@ -106,28 +109,28 @@ class CustomerDelivery:
     objects (their parser mangles quoted and UTF-8 local parts).
     """
 
-    def __init__(self, user: User, session: Session, outbound: Outbound) -> None:
+    def __init__(self, user: User, connection: ConnectionInfo, outbound: Outbound) -> None:
         self.user = user
-        self.session = session
+        self.connection = connection
         self.outbound = outbound
         self._mail_from = ""
         self._recipients: list[str] = []
 
     def receivedHeader(self, helo: Any, origin: Any, recipients: Any) -> bytes:
-        return rules.received_header(
-            helo=self.session.helo or "unknown", client_address=self.session.client,
+        return received_header(
+            helo=self.connection.helo or "unknown", client_address=self.connection.client,
             by_host=self.outbound.hostname, protocol=self._protocol(), send_id=str(origin),
             recipient=None, when=datetime.datetime.now(datetime.UTC))
 
     def _protocol(self) -> str:
-        return "ESMTPSA" if self.session.tls_version else "ESMTPA"
+        return "ESMTPSA" if self.connection.tls_version else "ESMTPA"
 
     def validateFrom(self, helo: Any, origin: str) -> str:
         """The seed's sender rule: MAIL FROM must be in the space's domains.
         A new MAIL starts a new envelope."""
         if not self.user.customer.owns(origin):
-            raise Reply(553, "5.7.1", f"<{origin}>: Sender address rejected: not owned by "
-                                      f"user {self.user.email}")
+            raise Reply(553, "5.7.1", f"<{quote(origin, MAX_PATH)}>: Sender address rejected: "
+                                      f"not owned by user {self.user.email}")
         self._mail_from = origin
         self._recipients = []
         return origin
@@ -176,7 +179,7 @@ class RelayMessage:
         return result
 
     def _send(self) -> Deferred[str]:
-        delivery, session, spool = self.delivery, self.delivery.session, self.spool
+        delivery, connection, spool = self.delivery, self.delivery.connection, self.spool
         space = delivery.user.customer
         send_id = new_send_id()
         head = spool.header_section
@@ -184,8 +187,8 @@ class RelayMessage:
             self.envelope, head, space, send_id=send_id,
             bounce_template=delivery.outbound.bounce_template,
             received=delivery.receivedHeader(None, send_id, None))
-        if isinstance(outcome, rules.Violation):
-            raise Reply(outcome.code, outcome.enhanced, outcome.text)
+        if isinstance(outcome, Reply):
+            raise outcome
         metadata = {
             "version": 1,
             "id": send_id,
@@ -198,8 +201,8 @@ class RelayMessage:
             "flags": outcome.flags,
             "bcc_flags": outcome.bcc_flags,
             "tags": list(outcome.tags),
-            "client": {"address": session.client, "tls_version": session.tls_version,
-                       "listener": session.listener},
+            "client": {"address": connection.client, "tls_version": connection.tls_version,
+                       "listener": connection.listener},
             "message_id": outcome.message_id,
         }
         key = idempotency_key(space.id, self.envelope, head, spool.body_digest())

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import attrs
 
-from mxmrelay.reply import Reply
+from mxmrelay.reply import Reply, quote
 
 MAX_PATH = 256
 MAX_LOCAL = 64
@@ -108,3 +108,27 @@ def bad_recipient() -> Reply:
 
 def need_smtputf8() -> Reply:
     return Reply(553, "5.6.7", "Must declare SMTPUTF8 to send unicode address")
+
+
+def mail_parameters(params: dict[str, str | None], max_size: int) -> bool:
+    """Check MAIL FROM's ESMTP parameters; return whether SMTPUTF8 was
+    declared.  Raises the :class:`Reply` of the first one refused."""
+    smtputf8 = False
+    for key, value in params.items():
+        if key == "SIZE":
+            if value is None or not value.isdigit() or not value.isascii():
+                raise Reply(501, "5.5.4", "Bad message size syntax")
+            if int(value) > max_size:
+                raise Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+        elif key == "BODY":
+            # A known parameter with a value it does not allow is a
+            # syntax error (501), not an unknown option (555).
+            if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                raise Reply(501, "5.5.4", "Bad BODY parameter")
+        elif key == "SMTPUTF8":
+            if value is not None:
+                raise Reply(501, "5.5.4", "Bad SMTPUTF8 parameter")
+            smtputf8 = True
+        elif key != "AUTH":  # RFC 4954 5: AUTH=<> may be sent; ignored
+            raise Reply(555, "5.5.4", f"Unsupported option: {quote(key)}")
+    return smtputf8

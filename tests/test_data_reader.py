@@ -1,4 +1,4 @@
-"""DATA framing (mxmrelay.smtp.DataReader), exhaustively: it is pure, so
+"""DATA framing (mxmrelay.datareader.DataReader), exhaustively: it is pure, so
 every chunking of every stream can be checked against a line-by-line
 reference without a socket."""
 
@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from mxmrelay.datareader import DataReader, _has_long_line
 from mxmrelay.reply import Reply
-from mxmrelay.smtp import DataReader, _has_long_line
 
 
 class Collector:

@@ -18,16 +18,16 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from mxmrelay.directory import CustomerSpace
+from mxmrelay.reply import Reply
 from mxmrelay.rules import (
     MAX_TAG_LENGTH,
     MAX_TAGS,
     Envelope,
     Send,
-    Violation,
     apply_rules,
-    received_header,
     split_message,
 )
+from mxmrelay.trace import received_header
 
 CORPUS = Path(__file__).parent / "corpus"
 
@@ -68,7 +68,7 @@ def rules(
     rcpt: tuple[str, ...] = (RCPT,),
     max_tags: int = MAX_TAGS,
     max_tag_length: int = MAX_TAG_LENGTH,
-) -> Send | Violation:
+) -> Send | Reply:
     return apply_rules(
         Envelope(mail_from, rcpt),
         headers,
@@ -98,10 +98,10 @@ class Case(SynchronousTestCase):
         self.assertTrue(result.headers.startswith(RECEIVED))
         return result
 
-    def violation(self, headers: bytes, **kw: object) -> Violation:
+    def violation(self, headers: bytes, **kw: object) -> Reply:
         result = rules(headers, **kw)  # type: ignore[arg-type]
-        if not isinstance(result, Violation):
-            self.fail(f"expected a Violation for {headers!r}, got {result!r}")
+        if not isinstance(result, Reply):
+            self.fail(f"expected a Reply for {headers!r}, got {result!r}")
         self.assertEqual((result.code, result.enhanced), (550, "5.6.0"))
         self.assertTrue(result.text.isascii() and result.text.isprintable(), result.text)
         return result
@@ -1127,11 +1127,11 @@ class PropertyTests(Case):
         st.text(st.characters(blacklist_categories=["Cc"]), max_size=20),
     )
     def test_never_raises(self, headers: bytes, rcpt: list[str], mail_from: str) -> None:
-        """Whatever the bytes: a Send or a Violation, and a Send keeps the invariants."""
+        """Whatever the bytes: a Send or a Reply, and a Send keeps the invariants."""
         for data in [headers, headers + section(TO), section(TO) + headers]:
             for recipients in [tuple(rcpt), (RCPT, *rcpt)]:
                 result = rules(data, rcpt=recipients, mail_from=mail_from)
-                if isinstance(result, Violation):
+                if isinstance(result, Reply):
                     self.assertTrue(result.text.isascii() and result.text.isprintable())
                     continue
                 self.assertIsInstance(result, Send)

@@ -340,7 +340,7 @@ class HugeAddressFields(SynchronousTestCase):
 
 class Networks(SynchronousTestCase):
     def test_what_per_address_limits_count(self) -> None:
-        from mxmrelay.smtp import Session, network_of
+        from mxmrelay.connection import ConnectionInfo, network_of
 
         self.assertEqual(network_of("192.0.2.7"), "192.0.2.7")
         self.assertEqual(network_of("::ffff:192.0.2.7"), "192.0.2.7")
@@ -348,7 +348,7 @@ class Networks(SynchronousTestCase):
         self.assertEqual(network_of("2001:db8:1:2::99"), network_of("2001:db8:1:2:ffff::1"))
         self.assertNotEqual(network_of("2001:db8:1:2::1"), network_of("2001:db8:1:3::1"))
         self.assertEqual(network_of("not-an-ip"), "not-an-ip")
-        s = Session(client="2001:db8::1", listener="submission")
+        s = ConnectionInfo(client="2001:db8::1", listener="submission")
         self.assertEqual(s.network, "2001:db8::/64")
         s.move("198.51.100.1")
         self.assertEqual((s.client, s.network), ("198.51.100.1", "198.51.100.1"))
