@@ -241,8 +241,7 @@ def make_certificate(directory: Path) -> tuple[Path, Path]:
 
 
 def relay_config(path: Path, *, cert: Path, key: Path, submission: int, smtps: int,
-                 api_url: str, token: str, reference_api: tuple[int, Path] | None = None,
-                 max_message_size: int = 64 * 1024 * 1024) -> Path:
+                 api_url: str, token: str, max_message_size: int = 64 * 1024 * 1024) -> Path:
     """Write the relay's TOML configuration for one run."""
     directory = ROOT / "etc" / "directory.dev.toml"
     text = f"""\
@@ -270,13 +269,15 @@ url = "{api_url}"
 token = "{token}"
 timeout = 30
 """
-    if reference_api is not None:
-        port, database = reference_api
-        text += f"""
-[reference_api]
+    path.write_text(text)
+    return path
+
+
+def refapi_config(path: Path, *, port: int, database: Path, token: str) -> Path:
+    """Write the reference API's TOML configuration (``twistd mxmrelay-refapi``)."""
+    path.write_text(f"""\
 endpoint = "tcp:{port}:interface=127.0.0.1"
 database = "{database}"
 token = "{token}"
-"""
-    path.write_text(text)
+""")
     return path

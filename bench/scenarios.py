@@ -224,6 +224,11 @@ class Server:
         assert self.proc is not None
         return self.proc.pid
 
+    @property
+    def pids(self) -> list[int]:
+        """The processes whose CPU a measurement counts."""
+        return [self.pid]
+
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.stop()
@@ -260,18 +265,41 @@ class Relay(Server):
         if reference_api:
             self.label = "relay+refapi"
 
+        self.refapi: procs.Process | None = None
+
+    def start(self) -> Server:
+        """With the reference API, that first: its own process, pinned with
+        the relay, so that the end-to-end figure counts both."""
+        if self.reference_port is not None:
+            b = self.bench
+            config = procs.refapi_config(
+                b.work / f"refapi-{self.starttls_port}.toml", port=self.reference_port,
+                database=b.work / f"refapi-{self.starttls_port}.sqlite3", token=TOKEN)
+            argv = [str(procs.BIN / "twistd"), "-n", "--pidfile=", "mxmrelay-refapi",
+                    "--config", str(config)]
+            self.refapi = b.track(procs.SERVER_CPU, procs.Process(
+                "refapi", procs.pinned(procs.SERVER_CPU, argv),
+                b.work / f"refapi-{self.starttls_port}.log", [self.reference_port],
+                cwd=procs.ROOT)).start()
+        return super().start()
+
+    def stop(self) -> None:
+        super().stop()
+        if self.refapi is not None:
+            self.refapi.stop()
+
+    @property
+    def pids(self) -> list[int]:
+        return [self.pid] + ([self.refapi.pid] if self.refapi is not None else [])
+
     def argv(self) -> list[str]:
         b = self.bench
-        reference = None
         api_url = self.api_url
         if self.reference_port is not None:
-            db = b.work / f"refapi-{self.starttls_port}.sqlite3"
-            reference = (self.reference_port, db)
             api_url = f"http://127.0.0.1:{self.reference_port}/v1/sends"
         config = procs.relay_config(
             b.work / f"relay-{self.starttls_port}.toml", cert=b.cert, key=b.key,
-            submission=self.starttls_port, smtps=self.smtps_port, api_url=api_url, token=TOKEN,
-            reference_api=reference)
+            submission=self.starttls_port, smtps=self.smtps_port, api_url=api_url, token=TOKEN)
         return [str(procs.BIN / "twistd"), "-n", "--pidfile=", "mxmrelay", "--config",
                 str(config)]
 
@@ -353,14 +381,16 @@ async def measured(server: Server, target: Target, load: Load,
                    factory: MessageFactory | None = None) -> Rep:
     """Open the sessions, then measure the server's CPU over the
     transactions only (connecting, TLS and AUTH are outside)."""
-    marks: list[CpuMark] = []
+    marks: list[list[CpuMark]] = []
 
     async def mark() -> None:
         await settle()
-        marks.append(cpu_mark(server.pid))
+        marks.append([cpu_mark(pid) for pid in server.pids])
 
     stats = await run_load(target, load, before=mark, after=mark, factory=factory)
-    return Rep(stats, cpu_used(marks[0], marks[1]) if len(marks) == 2 else float("nan"))
+    if len(marks) != 2:
+        return Rep(stats, float("nan"))
+    return Rep(stats, sum(cpu_used(a, b) for a, b in zip(*marks, strict=True)))
 
 
 async def warm_up(server: Server, target: Target, body_size: int = 2048,
