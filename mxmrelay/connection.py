@@ -77,3 +77,14 @@ class Settings:
     user_limiter: FailureLimiter
     #: Open connections per client address, across this process's listeners.
     open_per_address: Counter[str] = attrs.field(factory=Counter)
+
+    def admit(self, network: str) -> bool:
+        """Count a connection from ``network``; False if it is one too many
+        (it is counted all the same: :meth:`release` it as any other)."""
+        self.open_per_address[network] += 1
+        return self.open_per_address[network] <= self.max_connections_per_address
+
+    def release(self, network: str) -> None:
+        self.open_per_address[network] -= 1
+        if self.open_per_address[network] <= 0:
+            del self.open_per_address[network]

@@ -75,12 +75,8 @@ Decisions the service description leaves open, and why:
 
 from __future__ import annotations
 
-import base64
-import binascii
-import codecs
 import re
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import attrs
 
@@ -94,6 +90,7 @@ from mxmrelay.addresses import (
     parse_address,
 )
 from mxmrelay.directory import MAX_FLAGS, CustomerSpace
+from mxmrelay.headers import Field, decode_words, split_fields, unfold
 from mxmrelay.reply import Reply
 
 MAX_TAGS = 100
@@ -144,69 +141,6 @@ def _refused(text: str) -> Reply:
 
 
 # --------------------------------------------------------------------------
-# Header fields
-
-
-def split_message(message_start: bytes) -> int | None:
-    """Where the header section ends, so that the body need never be parsed."""
-    if message_start.startswith(b"\r\n"):
-        return 0
-    i = message_start.find(b"\r\n\r\n")
-    return None if i < 0 else i + 2
-
-
-class _Field(NamedTuple):
-    start: int
-    end: int  # just after the field, its CRLF included when it has one
-    #: Lower-cased field name; None when the first line has no usable name.
-    name: bytes | None
-    #: Where the value starts (just after the colon).
-    value_start: int
-    #: Where the value ends (before the final CRLF).
-    value_end: int
-
-
-_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
-
-
-def _fields(section: bytes) -> list[_Field]:
-    """Cut the section into fields at CRLFs not followed by WSP.
-
-    Only CRLF ends a line: a bare CR or LF stays inside its line, so that
-    whatever the client sent is carried, not reinterpreted.
-    """
-    fields: list[_Field] = []
-    n = len(section)
-    start = pos = 0
-    while pos < n:
-        if pos > start and section[pos] not in b" \t":
-            fields.append(_field(section, start, pos))
-            start = pos
-        eol = section.find(b"\r\n", pos)
-        pos = n if eol < 0 else eol + 2
-    if start < n:
-        fields.append(_field(section, start, n))
-    return fields
-
-
-def _field(section: bytes, start: int, end: int) -> _Field:
-    value_end = end - 2 if end - 2 >= start and section.startswith(b"\r\n", end - 2) else end
-    eol = section.find(b"\r\n", start, end)
-    first_end = value_end if eol < 0 else eol
-    colon = section.find(b":", start, first_end)
-    if colon < 0:
-        return _Field(start, end, None, value_end, value_end)
-    name = section[start:colon].rstrip(b" \t")
-    if not _NAME.fullmatch(name):
-        return _Field(start, end, None, value_end, value_end)
-    return _Field(start, end, name.lower(), colon + 1, value_end)
-
-
-def _unfold(section: bytes, field: _Field) -> bytes:
-    return section[field.value_start : field.value_end].replace(b"\r\n", b"")
-
-
-# --------------------------------------------------------------------------
 # The rules
 
 
@@ -228,11 +162,11 @@ def apply_rules(
     raises here rather than bouncing to a wrong address.
     """
     section = header_section
-    fields = _fields(section)
+    fields = split_fields(section)
     malformed = _malformed(section, fields)
     if malformed is not None:
         return malformed
-    by_name: dict[bytes, list[_Field]] = {}
+    by_name: dict[bytes, list[Field]] = {}
     for f in fields:
         if f.name is not None:
             by_name.setdefault(f.name, []).append(f)
@@ -275,7 +209,7 @@ def apply_rules(
     message_ids = by_name.get(b"message-id")
     message_id = None
     if message_ids:
-        value = _unfold(section, message_ids[0]).strip(b" \t")
+        value = unfold(section, message_ids[0]).strip(b" \t")
         message_id = value.decode("utf-8", "backslashreplace") or None
 
     return Send(
@@ -290,7 +224,7 @@ def apply_rules(
     )
 
 
-def _malformed(section: bytes, fields: list[_Field]) -> Reply | None:
+def _malformed(section: bytes, fields: list[Field]) -> Reply | None:
     """A line that is no header field (see the module docstring)."""
     for f in fields:
         if f.name is not None:
@@ -310,12 +244,12 @@ def _malformed(section: bytes, fields: list[_Field]) -> Reply | None:
 
 
 def _flags(
-    section: bytes, fields: list[_Field], mail_from: str, space: CustomerSpace
+    section: bytes, fields: list[Field], mail_from: str, space: CustomerSpace
 ) -> int | Reply:
     """The first X-Mxm-Flags field, else the defaults; later fields are ignored."""
     if not fields:
         return space.flags_for(mail_from)
-    value = _unfold(section, fields[0]).strip(b" \t")
+    value = unfold(section, fields[0]).strip(b" \t")
     digits = value.lstrip(b"0") or b"0"
     # bytes.isdigit() is ASCII-only; the length test keeps int() cheap.
     if value.isdigit() and len(digits) <= 2 and int(digits) <= MAX_FLAGS:
@@ -330,17 +264,17 @@ _CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def _tags(
-    section: bytes, fields: list[_Field], max_tags: int, max_tag_length: int
+    section: bytes, fields: list[Field], max_tags: int, max_tag_length: int
 ) -> tuple[str, ...] | Reply:
     tags: dict[str, None] = {}  # insertion-ordered set
     for field in fields:
         try:
-            text = _unfold(section, field).decode("utf-8")
+            text = unfold(section, field).decode("utf-8")
         except UnicodeDecodeError:
             return _refused("Invalid X-Mxm-Tag header: not valid UTF-8")
         if (bad := _control(text)) is not None:
             return bad
-        decoded = _decode_words(text)
+        decoded = decode_words(text)
         if decoded is None:
             return _refused("Invalid X-Mxm-Tag header: undecodable RFC 2047 encoded word")
         if (bad := _control(decoded)) is not None:
@@ -366,43 +300,9 @@ def _control(text: str) -> Reply | None:
     return _refused(f"Invalid X-Mxm-Tag header: control character U+{ord(m.group()):04X}")
 
 
-_ENCODED_WORD = re.compile(r"=\?([^?*\s]+)(?:\*[^?\s]*)?\?([bBqQ])\?([^?\s]*)\?=")
-_BETWEEN_WORDS = re.compile(r"(?<=\?=)[ \t]+(?==\?)")
-#: Codecs that are no charset, or are slow on hostile input.
-_NOT_CHARSETS = frozenset({"idna", "punycode", "unicode_escape", "raw_unicode_escape"})
-
-
-def _decode_words(text: str) -> str | None:
-    """Decode RFC 2047 encoded words; None when one does not decode."""
-    if "=?" not in text:
-        return text
-    text = _BETWEEN_WORDS.sub("", text)
-    failed = False
-
-    def decode(m: re.Match[str]) -> str:
-        nonlocal failed
-        charset, encoding, payload = m.groups()
-        try:
-            codec = codecs.lookup(charset)
-            if codec.name in _NOT_CHARSETS:
-                raise LookupError(charset)
-            data = payload.encode("ascii")
-            if encoding in "bB":
-                raw = base64.b64decode(data + b"=" * (-len(data) % 4), validate=True)
-            else:
-                raw = binascii.a2b_qp(data, header=True)
-            return raw.decode(codec.name)
-        except (LookupError, ValueError):  # binascii.Error and UnicodeError included
-            failed = True
-            return ""
-
-    result = _ENCODED_WORD.sub(decode, text)
-    return None if failed else result
-
-
 def _recipient(
-    section: bytes, fields: list[_Field], recipients: Sequence[str]
-) -> tuple[_Field, str, tuple[str, str], Mailbox | None] | Reply:
+    section: bytes, fields: list[Field], recipients: Sequence[str]
+) -> tuple[Field, str, tuple[str, str], Mailbox | None] | Reply:
     """The To recipient: the first To field's first mailbox, if RCPT has it.
 
     Returns the field, the address as written, its comparison key, and the
@@ -432,13 +332,13 @@ def _recipient(
     return field, text, key, None if kept else box
 
 
-def _name_bytes(section: bytes, field: _Field) -> bytes:
+def _name_bytes(section: bytes, field: Field) -> bytes:
     """The field name as the client wrote it, colon included, without the
     obsolete white space before the colon (see the module docstring)."""
     return section[field.start : field.value_start - 1].rstrip(b" \t") + b":"
 
 
-def _to_field(section: bytes, field: _Field, box: Mailbox) -> bytes:
+def _to_field(section: bytes, field: Field, box: Mailbox) -> bytes:
     """The To field holding just ``box``: its own bytes when it is one
     well-formed mailbox, else rebuilt from its address."""
     name = _name_bytes(section, field)
@@ -449,7 +349,7 @@ def _to_field(section: bytes, field: _Field, box: Mailbox) -> bytes:
     return _with_display(name, display_name(section, box), address.text)
 
 
-def _from_field(section: bytes, fields: list[_Field], mail_from: bytes) -> bytes:
+def _from_field(section: bytes, fields: list[Field], mail_from: bytes) -> bytes:
     """The one From field: exactly one mailbox, whose address is MAIL FROM."""
     first = fields[0]
     name = _name_bytes(section, first)

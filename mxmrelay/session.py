@@ -22,15 +22,13 @@ from typing import Any
 
 from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from mxmrelay import login
 from mxmrelay.actions import CLOSE, START_TLS, Step, Wait, say, say_raw, waiting
 from mxmrelay.connection import ConnectionInfo, Settings
-from mxmrelay.envelope import mail_parameters, need_smtputf8, parse_path_command
 from mxmrelay.login import Login
-from mxmrelay.reply import Reply, quote
-from mxmrelay.transaction import Transaction
+from mxmrelay.reply import Reply
+from mxmrelay.transaction import Transaction, refused, sender
 
 #: RFC 5321 4.5.3.1.4: 512 octets with CRLF; MAIL may carry SIZE (+26)
 #: and AUTH= (+500, RFC 4954).
@@ -126,7 +124,10 @@ class SMTPSession:
         rest = transaction.reader.feed(chunk)
         if rest is None:
             return None
-        return self._check(self._end_of_data(transaction)), rest
+        # The transaction ends here whatever the answer: the next command
+        # is read only once it is given.
+        self._reset(Phase.GREETED)
+        return self._check(transaction.end(self.info)), rest
 
     def timeout(self) -> Step:
         log.info("timeout client={client}", client=self.info.client)
@@ -187,11 +188,9 @@ class SMTPSession:
         except Reply as reply:
             return say(reply)
 
-    def _need_tls(self) -> None:
+    def _need_tls_and_helo(self) -> None:
         if not self.tls:
             raise Reply(530, "5.7.0", "Must issue a STARTTLS command first")
-
-    def _need_helo(self) -> None:
         if self.phase is Phase.CONNECTED:
             raise Reply(503, "5.5.1", "Error: send HELO/EHLO first")
 
@@ -202,13 +201,7 @@ class SMTPSession:
 
     def _wait(self, d: Any, done: Callable[[Any], Step]) -> Step:
         """The answer, once ``d`` has it; a refusal from it is the reply."""
-        return waiting(d.addCallbacks(done, self._refused))
-
-    def _refused(self, f: Failure) -> Step:
-        if isinstance(f.value, Reply):
-            return say(f.value)
-        log.failure("error client={client}", f, client=self.info.client)
-        return say(Reply(451, "4.3.0", "Temporary failure, try again later"))
+        return waiting(d.addCallbacks(done, refused, errbackArgs=(self.info.client,)))
 
     # -- commands -------------------------------------------------------------
 
@@ -227,19 +220,9 @@ class SMTPSession:
         self.info.helo = name
         self.esmtp = esmtp
         self._reset(Phase.GREETED)
-        host = self.settings.hostname
         if not esmtp:
-            return say_raw(f"250 {host}\r\n".encode())
-        lines = [host, "PIPELINING", f"SIZE {self.settings.max_message_size}", "8BITMIME",
-                 "SMTPUTF8", "ENHANCEDSTATUSCODES"]
-        if not self.tls:
-            if self.settings.tls is not None:
-                lines.append("STARTTLS")
-        else:
-            # "AUTH=" is the pre-RFC spelling old Outlook and .NET look for.
-            lines += ["AUTH PLAIN LOGIN", "AUTH=PLAIN LOGIN"]
-        body = "".join(f"250-{x}\r\n" for x in lines[:-1]) + f"250 {lines[-1]}\r\n"
-        return say_raw(body.encode())
+            return say_raw(f"250 {self.settings.hostname}\r\n".encode())
+        return say_raw(_extensions(self.settings, self.tls))
 
     def do_STARTTLS(self, arg: str) -> Step:
         if self.tls:
@@ -256,8 +239,7 @@ class SMTPSession:
         return say(Reply(220, "2.0.0", "Ready to start TLS"), START_TLS)
 
     def do_AUTH(self, arg: str) -> Step:
-        self._need_tls()
-        self._need_helo()
+        self._need_tls_and_helo()
         # (A MAIL transaction needs AUTH first, so "already authenticated"
         # also answers AUTH inside a transaction.)
         if self.authenticated:
@@ -268,56 +250,41 @@ class SMTPSession:
         return step
 
     def do_MAIL(self, arg: str) -> Step:
-        self._need_tls()
-        self._need_helo()
+        self._need_tls_and_helo()
         if not self.authenticated:
             raise Reply(530, "5.7.0", "Authentication required")
         if self.phase in _TRANSACTION:
             raise Reply(503, "5.5.1", "Error: nested MAIL command")
-        path = parse_path_command(arg, which="FROM", esmtp=self.esmtp)
-        smtputf8 = mail_parameters(path.params, self.settings.max_message_size)
-        if not path.address.isascii() and not smtputf8:
-            raise need_smtputf8()
-        if not path.address:
-            raise Reply(553, "5.7.1", f"<>: Sender address rejected: not owned by user "
-                                      f"{quote(self.info.user or '', 256)}")
+        address, smtputf8 = sender(arg, esmtp=self.esmtp, settings=self.settings,
+                                   user=self.info.user)
         d = maybeDeferred(self.login.avatar.validateFrom, (self.info.helo, self.info.client),
-                          path.address)
+                          address)
 
         def done(_: object) -> Step:
-            self.transaction = Transaction(path.address, smtputf8)
+            self.transaction = Transaction(address, smtputf8)
             self.phase = Phase.MAIL
             return say(Reply(250, "2.1.0", "Ok"))
 
         return self._wait(d, done)
 
     def do_RCPT(self, arg: str) -> Step:
-        self._need_tls()
-        self._need_helo()
+        self._need_tls_and_helo()
         transaction = self.transaction
         if transaction is None or self.phase not in _TRANSACTION:
             raise Reply(503, "5.5.1", "Error: need MAIL command")
-        path = parse_path_command(arg, which="TO", esmtp=self.esmtp)
-        if not path.address:
-            raise Reply(501, "5.1.3", "Bad recipient address syntax")
-        for key in path.params:
-            raise Reply(555, "5.5.4", f"Unsupported option: {quote(key)}")
-        if not path.address.isascii() and not transaction.smtputf8:
-            raise need_smtputf8()
-        if len(transaction.recipients) >= self.settings.max_recipients:
-            raise Reply(452, "4.5.3", "Too many recipients")
-        d = maybeDeferred(self.login.avatar.validateTo, path.address)
+        address = transaction.recipient(arg, esmtp=self.esmtp,
+                                        max_recipients=self.settings.max_recipients)
+        d = maybeDeferred(self.login.avatar.validateTo, address)
 
         def done(new_message: Any) -> Step:
-            transaction.add_recipient(path.address, new_message)
+            transaction.add_recipient(address, new_message)
             self.phase = Phase.RCPT
             return say(Reply(250, "2.1.5", "Ok"))
 
         return self._wait(d, done)
 
     def do_DATA(self, arg: str) -> Step:
-        self._need_tls()
-        self._need_helo()
+        self._need_tls_and_helo()
         if self.transaction is None or self.phase not in _TRANSACTION:
             raise Reply(503, "5.5.1", "Error: need MAIL command")
         if self.phase is not Phase.RCPT:
@@ -326,30 +293,6 @@ class SMTPSession:
         self.transaction.start_data(self.settings.max_message_size)
         self.phase = Phase.DATA
         return say_raw(b"354 End data with <CR><LF>.<CR><LF>\r\n")
-
-    def _end_of_data(self, transaction: Transaction) -> Step:
-        # The transaction ends here whatever the answer: the next command
-        # is read only once it is given.
-        self._reset(Phase.GREETED)
-        if transaction.error is not None:
-            return say(transaction.error)
-        # One log line per transaction, written once its answer is known.
-        facts = {"client": self.info.client, "user": self.info.user,
-                 "sender": transaction.mail_from, "rcpts": len(transaction.recipients),
-                 "size": transaction.size}
-
-        def done(send_id: str) -> Step:
-            log.info("sent id={id} client={client} user={user} from={sender} rcpts={rcpts} "
-                     "size={size}", id=send_id, **facts)
-            return say(Reply(250, "2.0.0", f"Ok: queued as {send_id}"))
-
-        def failed(f: Failure) -> Step:
-            step = self._refused(f)
-            log.info("refused reply={reply} client={client} user={user} from={sender} "
-                     "rcpts={rcpts} size={size}", reply=str(f.value), **facts)
-            return step
-
-        return waiting(transaction.end().addCallbacks(done, failed))
 
     def do_RSET(self, arg: str) -> Step:
         _no_argument("RSET", arg)
@@ -376,6 +319,20 @@ class SMTPSession:
     def do_HELP(self, arg: str) -> Step:
         return say(Reply(214, "2.0.0", "Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA "
                                        "RSET NOOP VRFY QUIT"))
+
+
+def _extensions(settings: Settings, tls: bool) -> bytes:
+    """The EHLO reply: what this listener offers, as things stand."""
+    lines = [settings.hostname, "PIPELINING", f"SIZE {settings.max_message_size}", "8BITMIME",
+             "SMTPUTF8", "ENHANCEDSTATUSCODES"]
+    if not tls:
+        if settings.tls is not None:
+            lines.append("STARTTLS")
+    else:
+        # "AUTH=" is the pre-RFC spelling old Outlook and .NET look for.
+        lines += ["AUTH PLAIN LOGIN", "AUTH=PLAIN LOGIN"]
+    body = "".join(f"250-{x}\r\n" for x in lines[:-1]) + f"250 {lines[-1]}\r\n"
+    return body.encode()
 
 
 def _goodbye() -> Step:

@@ -51,24 +51,14 @@ PAUSE_AT = 64 * 1024
 log = Logger(namespace="mxmrelay.smtp")
 
 
-@implementer(IHandshakeListener)
-class SMTPServer(Protocol, TimeoutMixin):
-    """One SMTP connection's transport side.  See the module docstring."""
+class _Pipeline(Protocol):
+    """The input side under the session: pipelined input cut into lines
+    and held while an answer is awaited, replies batched into one write,
+    and reading paused while the client does not read its replies."""
 
     transport: Any  # set by makeConnection: TCP, TLS or a wrapper of either
-    info: ConnectionInfo
-    session: SMTPSession
 
-    def __init__(self, settings: Settings, role: str, clock: IReactorTime,
-                 factory: SMTPFactory, proxied: bool = False) -> None:
-        self.settings = settings
-        self.role = role
-        #: Behind a PROXY-protocol endpoint: the client's address is known
-        #: only once the proxy's header has been read.
-        self._proxied = proxied
-        self._counted = False
-        self._clock = clock
-        self.factory = factory
+    def __init__(self) -> None:
         #: Pipelined input not yet answered: ``_buffer[_pos:]``.  An offset,
         #: so that a batch of N commands is not N copies of the rest.
         self._buffer = b""
@@ -81,11 +71,111 @@ class SMTPServer(Protocol, TimeoutMixin):
         #: An answer is awaited: input waits.
         self._busy = False
         self._closed = False
-        self._first_bytes = True
         #: The transport's write buffer is full (the client does not read
         #: its replies): answer nothing more until it drains.
         self._write_blocked = False
         self._reading_paused = False
+
+    # What the protocol above decides.
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def _line_limit(self, start: bytes) -> int:
+        raise NotImplementedError
+
+    def _line_too_long(self) -> None:
+        raise NotImplementedError
+
+    def _line_abandoned(self) -> None:
+        raise NotImplementedError
+
+    def _flush(self) -> None:
+        """One write per batch of replies: pipelined answers share a packet
+        (and, under TLS, a record)."""
+        if self._out and not self._closed:
+            self.transport.write(b"".join(self._out))
+        self._out.clear()
+
+    def _check_reading(self) -> None:
+        """Stop reading while input waits (for an answer, or for the client
+        to read its replies) and more than PAUSE_AT of it is queued."""
+        waiting = self._busy or self._write_blocked
+        full = waiting and len(self._buffer) - self._pos > PAUSE_AT
+        if full and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pauseProducing()
+        elif not full and self._reading_paused and not self._closed:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+
+    # IPushProducer, registered with the transport for its write buffer
+    def pauseProducing(self) -> None:
+        self._write_blocked = True
+
+    def resumeProducing(self) -> None:
+        self._write_blocked = False
+        if not self._closed:
+            self._run()
+            self._flush()
+
+    def stopProducing(self) -> None:
+        pass
+
+    def _unconsumed(self) -> bytes:
+        """Take all of the pipelined input not yet answered."""
+        data = self._buffer[self._pos:]
+        self._buffer, self._pos = b"", 0
+        return data
+
+    def _next_line(self) -> bytes | None:
+        """The next whole line, or None.  A line that passes its limit is
+        answered at once (the client may never send the CRLF), and the
+        rest of it dropped as it comes: memory stays bounded."""
+        while True:
+            buf, pos = self._buffer, self._pos
+            i = buf.find(b"\n", pos)
+            if self._skipping:
+                self._skipped += (len(buf) if i < 0 else i) - pos
+                if self._skipped > LINE_ABANDON:
+                    self._buffer, self._pos = b"", 0
+                    self._line_abandoned()
+                    return None
+                if i < 0:
+                    self._buffer, self._pos = b"", 0
+                    return None
+                self._skipping, self._pos = False, i + 1
+                continue
+            if i < 0:
+                pending = self._buffer = buf[pos:]
+                self._pos = 0
+                # (a CR at the end may be the first half of the CRLF)
+                if len(pending) - pending.endswith(b"\r") + 2 > self._line_limit(pending):
+                    self._line_too_long()
+                    self._skipping, self._skipped = True, 0
+                return None
+            line, self._pos = buf[pos:i], i + 1
+            return line[:-1] if line.endswith(b"\r") else line
+
+
+@implementer(IHandshakeListener)
+class SMTPServer(_Pipeline, TimeoutMixin):
+    """One SMTP connection's transport side.  See the module docstring."""
+
+    info: ConnectionInfo
+    session: SMTPSession
+
+    def __init__(self, settings: Settings, role: str, clock: IReactorTime,
+                 factory: SMTPFactory, proxied: bool = False) -> None:
+        super().__init__()
+        self.settings = settings
+        self.role = role
+        #: Behind a PROXY-protocol endpoint: the client's address is known
+        #: only once the proxy's header has been read.
+        self._proxied = proxied
+        self._counted = False
+        self._clock = clock
+        self.factory = factory
+        self._first_bytes = True
 
     # -- connection ---------------------------------------------------------
 
@@ -115,22 +205,11 @@ class SMTPServer(Protocol, TimeoutMixin):
 
     def _count_client(self) -> None:
         self._counted = True
-        open_now = self.settings.open_per_address
-        open_now[self.info.network] += 1
-        if open_now[self.info.network] > self.settings.max_connections_per_address:
+        if not self.settings.admit(self.info.network):
             log.warn("too many connections client={client}", client=self.info.client)
             self._out.append(Reply(421, "4.7.0", "Too many connections from your address")
                              .encode())
             self._close()
-
-    def _uncount_client(self) -> None:
-        if not self._counted:
-            return
-        self._counted = False
-        open_now = self.settings.open_per_address
-        open_now[self.info.network] -= 1
-        if open_now[self.info.network] <= 0:
-            del open_now[self.info.network]
 
     def _check_peer(self) -> bool:
         """Behind a PROXY-protocol endpoint the real client is known only
@@ -161,7 +240,9 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._closed = True
         self.setTimeout(None)
         self.factory.gone(self)
-        self._uncount_client()
+        if self._counted:
+            self._counted = False
+            self.settings.release(self.info.network)
         self.session.connection_lost()
         log.info("disconnect client={client}", client=self.info.client)
 
@@ -219,13 +300,6 @@ class SMTPServer(Protocol, TimeoutMixin):
             # (the delivery API call has its own deadline).
             self.setTimeout(None)
 
-    def _flush(self) -> None:
-        """One write per batch of replies: pipelined answers share a packet
-        (and, under TLS, a record)."""
-        if self._out and not self._closed:
-            self.transport.write(b"".join(self._out))
-        self._out.clear()
-
     # -- input ----------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
@@ -252,37 +326,6 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._run()
         self._flush()
 
-    def _check_reading(self) -> None:
-        """Stop reading while input waits (for an answer, or for the client
-        to read its replies) and more than PAUSE_AT of it is queued."""
-        waiting = self._busy or self._write_blocked
-        full = waiting and len(self._buffer) - self._pos > PAUSE_AT
-        if full and not self._reading_paused:
-            self._reading_paused = True
-            self.transport.pauseProducing()
-        elif not full and self._reading_paused and not self._closed:
-            self._reading_paused = False
-            self.transport.resumeProducing()
-
-    # IPushProducer, registered with the transport for its write buffer
-    def pauseProducing(self) -> None:
-        self._write_blocked = True
-
-    def resumeProducing(self) -> None:
-        self._write_blocked = False
-        if not self._closed:
-            self._run()
-            self._flush()
-
-    def stopProducing(self) -> None:
-        pass
-
-    def _unconsumed(self) -> bytes:
-        """Take all of the pipelined input not yet answered."""
-        data = self._buffer[self._pos:]
-        self._buffer, self._pos = b"", 0
-        return data
-
     def _run(self) -> None:
         """Answer buffered commands in order, stopping at the first that
         must wait for an answer (AUTH, MAIL, RCPT, end of DATA)."""
@@ -300,43 +343,21 @@ class SMTPServer(Protocol, TimeoutMixin):
             self._apply(session.line(line))
         self._check_reading()
 
+    def _line_limit(self, start: bytes) -> int:
+        return self.session.line_limit(start)
+
+    def _line_too_long(self) -> None:
+        self._apply(self.session.line_too_long())
+
+    def _line_abandoned(self) -> None:
+        self._apply(self.session.line_abandoned())
+
     def _data(self, data: bytes) -> None:
         ended = self.session.data(data)
         if ended is not None:
             step, rest = ended
             self._buffer, self._pos = rest + self._unconsumed(), 0
             self._apply(step)
-
-    def _next_line(self) -> bytes | None:
-        """The next whole line, or None.  A line that passes its limit is
-        answered at once (the client may never send the CRLF), and the
-        rest of it dropped as it comes: memory stays bounded."""
-        while True:
-            buf, pos = self._buffer, self._pos
-            i = buf.find(b"\n", pos)
-            if self._skipping:
-                self._skipped += (len(buf) if i < 0 else i) - pos
-                if self._skipped > LINE_ABANDON:
-                    self._buffer, self._pos = b"", 0
-                    self._apply(self.session.line_abandoned())
-                    return None
-                if i < 0:
-                    self._buffer, self._pos = b"", 0
-                    return None
-                self._skipping, self._pos = False, i + 1
-                continue
-            if i < 0:
-                pending = self._buffer = buf[pos:]
-                self._pos = 0
-                # (a CR at the end may be the first half of the CRLF)
-                limit = self.session.line_limit(pending)
-                if len(pending) - pending.endswith(b"\r") + 2 > limit:
-                    self._apply(self.session.line_too_long())
-                    self._skipping, self._skipped = True, 0
-                return None
-            line, self._pos = buf[pos:i], i + 1
-            return line[:-1] if line.endswith(b"\r") else line
-
 
 class SMTPFactory(Factory):
     """Builds the protocol for one listener role."""

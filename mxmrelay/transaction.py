@@ -1,16 +1,49 @@
 """One mail transaction, from MAIL FROM to the end of DATA: its envelope,
 and the one message the avatar makes for it (however many recipients:
-one transaction is one send)."""
+one transaction is one send).
+
+The session (:mod:`mxmrelay.session`) decides when a command may come;
+this module what its argument may be, and what the end of DATA answers.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import attrs
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import maybeDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from mxmrelay.actions import Step, say, waiting
+from mxmrelay.connection import ConnectionInfo, Settings
 from mxmrelay.datareader import DataReader, IBulkMessage
-from mxmrelay.reply import Reply
+from mxmrelay.envelope import MAX_PATH, mail_parameters, need_smtputf8, parse_path_command
+from mxmrelay.reply import Reply, quote
+
+log = Logger(namespace="mxmrelay.smtp")
+
+
+def sender(arg: str, *, esmtp: bool, settings: Settings, user: str | None) -> tuple[str, bool]:
+    """MAIL FROM's argument: the address, and whether SMTPUTF8 was
+    declared.  Raises the :class:`~mxmrelay.reply.Reply` refusing it."""
+    path = parse_path_command(arg, which="FROM", esmtp=esmtp)
+    smtputf8 = mail_parameters(path.params, settings.max_message_size)
+    if not path.address.isascii() and not smtputf8:
+        raise need_smtputf8()
+    if not path.address:
+        raise Reply(553, "5.7.1", f"<>: Sender address rejected: not owned by user "
+                                  f"{quote(user or '', MAX_PATH)}")
+    return path.address, smtputf8
+
+
+def refused(f: Failure, client: str) -> Step:
+    """An avatar's or a message's refusal as the reply; any other failure
+    as a temporary one (and logged: it is a bug or an outage)."""
+    if isinstance(f.value, Reply):
+        return say(f.value)
+    log.failure("error client={client}", f, client=client)
+    return say(Reply(451, "4.3.0", "Temporary failure, try again later"))
 
 
 @attrs.define
@@ -24,6 +57,20 @@ class Transaction:
     message: IBulkMessage | None = None
     reader: DataReader | None = None
 
+    def recipient(self, arg: str, *, esmtp: bool, max_recipients: int) -> str:
+        """RCPT TO's argument: the address.  Raises the
+        :class:`~mxmrelay.reply.Reply` refusing it."""
+        path = parse_path_command(arg, which="TO", esmtp=esmtp)
+        if not path.address:
+            raise Reply(501, "5.1.3", "Bad recipient address syntax")
+        for key in path.params:
+            raise Reply(555, "5.5.4", f"Unsupported option: {quote(key)}")
+        if not path.address.isascii() and not self.smtputf8:
+            raise need_smtputf8()
+        if len(self.recipients) >= max_recipients:
+            raise Reply(452, "4.5.3", "Too many recipients")
+        return path.address
+
     def add_recipient(self, address: str, new_message: Callable[[], IBulkMessage]) -> None:
         self.recipients.append(address)
         if self.new_message is None:
@@ -34,22 +81,29 @@ class Transaction:
         message = self.message = self.new_message()
         self.reader = DataReader(message.write, message.connectionLost, max_size)
 
-    @property
-    def error(self) -> Reply | None:
-        """Why the message was refused while it came (size, a long line,
-        the spool), if it was."""
-        return None if self.reader is None else self.reader.error
+    def end(self, info: ConnectionInfo) -> Step:
+        """The message is complete: the reply once it is sent, or why not."""
+        message, reader = self.message, self.reader
+        assert message is not None and reader is not None
+        self.message = None
+        if reader.error is not None:
+            return say(reader.error)
+        # One log line per transaction, written once its answer is known.
+        facts = {"client": info.client, "user": info.user, "sender": self.mail_from,
+                 "rcpts": len(self.recipients), "size": reader.size}
 
-    @property
-    def size(self) -> int:
-        return 0 if self.reader is None else self.reader.size
+        def done(send_id: str) -> Step:
+            log.info("sent id={id} client={client} user={user} from={sender} rcpts={rcpts} "
+                     "size={size}", id=send_id, **facts)
+            return say(Reply(250, "2.0.0", f"Ok: queued as {send_id}"))
 
-    def end(self) -> Deferred[str]:
-        """The message is complete: fires with the send id, or fails with
-        the :class:`~mxmrelay.reply.Reply` refusing it."""
-        assert self.message is not None
-        message, self.message = self.message, None
-        return maybeDeferred(message.eomReceived)
+        def failed(f: Failure) -> Step:
+            step = refused(f, info.client)
+            log.info("refused reply={reply} client={client} user={user} from={sender} "
+                     "rcpts={rcpts} size={size}", reply=str(f.value), **facts)
+            return step
+
+        return waiting(maybeDeferred(message.eomReceived).addCallbacks(done, failed))
 
     def discard(self) -> None:
         """The connection is gone mid-message."""

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from mxmrelay.directory import CustomerSpace
+from mxmrelay.headers import split_message
 from mxmrelay.reply import Reply
 from mxmrelay.rules import (
     MAX_TAG_LENGTH,
@@ -25,7 +26,6 @@ from mxmrelay.rules import (
     Envelope,
     Send,
     apply_rules,
-    split_message,
 )
 from mxmrelay.trace import received_header
 
