@@ -9,8 +9,12 @@ without a transport.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import attrs
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from mxmrelay.reply import Reply
 
@@ -34,6 +38,8 @@ class Wait:
 
     result: Deferred[Step]
 
+
+T = TypeVar("T")
 
 START_TLS = StartTLS()
 CLOSE = Close()
@@ -74,6 +80,23 @@ def say_raw(text: bytes, action: Action | None = None) -> Step:
     return Step([text], action)
 
 
-def waiting(d: Deferred[Step]) -> Step:
-    """Hold the pipeline until ``d`` fires with the next step."""
-    return Step([], Wait(d))
+def answer(d: Deferred[T], done: Callable[[T], Step],
+           failed: Callable[[Failure], Step]) -> Step:
+    """The step ``done`` or ``failed`` makes of ``d``'s result: at once
+    when ``d`` has it already (most validations do: then nothing waits, and
+    no Deferred more is made), else a :class:`Wait` for it."""
+    now: list[Step] = []
+    later: list[Deferred[Step]] = []
+
+    def settle(result: T | Failure) -> None:
+        step = failed(result) if isinstance(result, Failure) else done(result)
+        if later:
+            later[0].callback(step)
+        else:
+            now.append(step)
+
+    d.addBoth(settle)
+    if now:
+        return now[0]
+    later.append(Deferred())
+    return Step([], Wait(later[0]))

@@ -19,7 +19,7 @@ from twisted.mail.smtp import IMessageDelivery
 from twisted.python.failure import Failure
 
 from mxmrelay import auth
-from mxmrelay.actions import CLOSE, Step, say, say_raw, waiting
+from mxmrelay.actions import CLOSE, Step, answer, say, say_raw
 from mxmrelay.connection import ConnectionInfo, Settings
 from mxmrelay.directory import DirectoryError
 from mxmrelay.reply import Reply
@@ -134,7 +134,7 @@ class Login:
                 log.failure("auth error client={client}", f, client=client)
             return say(Reply(454, "4.7.0", "Temporary authentication failure"))
 
-        return waiting(d.addCallbacks(done, failed))
+        return answer(d, done, failed)
 
 
 def line_too_long() -> Reply:

@@ -24,7 +24,7 @@ from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
 
 from mxmrelay import login
-from mxmrelay.actions import CLOSE, START_TLS, Step, Wait, say, say_raw, waiting
+from mxmrelay.actions import CLOSE, START_TLS, Step, Wait, answer, say, say_raw
 from mxmrelay.connection import ConnectionInfo, Settings
 from mxmrelay.login import Login
 from mxmrelay.reply import Reply
@@ -60,14 +60,22 @@ class Phase(enum.Enum):
 
 
 _TRANSACTION = (Phase.MAIL, Phase.RCPT)
+#: The commonest replies, encoded once (they quote nothing).
+_OK = Reply(250, "2.0.0", "Ok").encode()
+_SENDER_OK = Reply(250, "2.1.0", "Ok").encode()
+_RECIPIENT_OK = Reply(250, "2.1.5", "Ok").encode()
 
 
 class SMTPSession:
     """One connection's dialogue.  See the module docstring."""
 
-    def __init__(self, settings: Settings, info: ConnectionInfo, *, tls: bool) -> None:
+    def __init__(self, settings: Settings, info: ConnectionInfo, *, tls: bool,
+                 learn_tls: Callable[[], None] = lambda: None) -> None:
         self.settings = settings
         self.info = info
+        #: Asks the transport for the TLS version and cipher, when a
+        #: wrapper kept the handshake's news from the driver.
+        self._learn_tls = learn_tls
         self.phase = Phase.CONNECTED
         self.tls = tls
         #: The greeting was EHLO (ESMTP parameters allowed), not HELO.
@@ -201,7 +209,7 @@ class SMTPSession:
 
     def _wait(self, d: Any, done: Callable[[Any], Step]) -> Step:
         """The answer, once ``d`` has it; a refusal from it is the reply."""
-        return waiting(d.addCallbacks(done, refused, errbackArgs=(self.info.client,)))
+        return answer(d, done, lambda f: refused(f, self.info.client))
 
     # -- commands -------------------------------------------------------------
 
@@ -217,6 +225,8 @@ class SMTPSession:
             raise Reply(501, "5.5.4", f"Syntax: {'EHLO' if esmtp else 'HELO'} hostname")
         if len(name) > 255 or not all("!" <= c <= "~" for c in name):
             raise Reply(501, "5.5.4", "Invalid hostname")
+        if self.tls and self.info.tls_version is None:
+            self._learn_tls()
         self.info.helo = name
         self.esmtp = esmtp
         self._reset(Phase.GREETED)
@@ -263,7 +273,7 @@ class SMTPSession:
         def done(_: object) -> Step:
             self.transaction = Transaction(address, smtputf8)
             self.phase = Phase.MAIL
-            return say(Reply(250, "2.1.0", "Ok"))
+            return say_raw(_SENDER_OK)
 
         return self._wait(d, done)
 
@@ -279,7 +289,7 @@ class SMTPSession:
         def done(new_message: Any) -> Step:
             transaction.add_recipient(address, new_message)
             self.phase = Phase.RCPT
-            return say(Reply(250, "2.1.5", "Ok"))
+            return say_raw(_RECIPIENT_OK)
 
         return self._wait(d, done)
 
@@ -298,11 +308,11 @@ class SMTPSession:
         _no_argument("RSET", arg)
         if self.phase in _TRANSACTION:
             self._reset(Phase.GREETED)
-        return say(Reply(250, "2.0.0", "Ok"))
+        return say_raw(_OK)
 
     def do_NOOP(self, arg: str) -> Step:
         # RFC 5321 4.1.1.9: NOOP may carry a string, which is ignored.
-        return say(Reply(250, "2.0.0", "Ok"))
+        return say_raw(_OK)
 
     def do_QUIT(self, arg: str) -> Step:
         _no_argument("QUIT", arg)

@@ -191,7 +191,8 @@ class SMTPServer(_Pipeline, TimeoutMixin):
         self.transport.registerProducer(self, True)
         peer = self.transport.getPeer()
         self.info = ConnectionInfo(client=str(getattr(peer, "host", peer)), listener=self.role)
-        self.session = SMTPSession(self.settings, self.info, tls=self.role == "smtps")
+        self.session = SMTPSession(self.settings, self.info, tls=self.role == "smtps",
+                                   learn_tls=self.handshakeCompleted)
         self.factory.connections.add(self)
         self.setTimeout(self.settings.idle_timeout)
         log.info("connect client={client} listener={listener}",
@@ -230,7 +231,7 @@ class SMTPServer(_Pipeline, TimeoutMixin):
     def handshakeCompleted(self) -> None:
         """Called by Twisted's TLS layer (``IHandshakeListener``); a wrapper
         between it and us (the PROXY protocol's) does not pass it on, so
-        the first bytes read under TLS ask too (see ``dataReceived``)."""
+        the session asks too, at the first EHLO under TLS."""
         version, cipher = describe(self.transport)
         self.info.tls_version, self.info.tls_cipher = version, cipher
         log.info("tls client={client} version={version} cipher={cipher}",
@@ -317,8 +318,6 @@ class SMTPServer(_Pipeline, TimeoutMixin):
                 self.transport.unregisterProducer()
                 self.transport.loseConnection()
                 return
-        if self.session.tls and self.info.tls_version is None:
-            self.handshakeCompleted()
         if self.session.phase is Phase.DATA and not self._busy and not self._write_blocked:
             self._data(data)
         else:

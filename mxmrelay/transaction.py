@@ -15,7 +15,7 @@ from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mxmrelay.actions import Step, say, waiting
+from mxmrelay.actions import Step, answer, say
 from mxmrelay.connection import ConnectionInfo, Settings
 from mxmrelay.datareader import DataReader, IBulkMessage
 from mxmrelay.envelope import MAX_PATH, mail_parameters, need_smtputf8, parse_path_command
@@ -103,7 +103,7 @@ class Transaction:
                      "rcpts={rcpts} size={size}", reply=str(f.value), **facts)
             return step
 
-        return waiting(maybeDeferred(message.eomReceived).addCallbacks(done, failed))
+        return answer(maybeDeferred(message.eomReceived), done, failed)
 
     def discard(self) -> None:
         """The connection is gone mid-message."""
