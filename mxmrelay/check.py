@@ -26,6 +26,7 @@ from cryptography import x509
 
 from mxmrelay.config import Config, ConfigError, Problem
 from mxmrelay.directory import InvalidDirectory, TomlDirectory
+from mxmrelay.endpoints import split_endpoint
 from mxmrelay.tls import TLSConfigError, server_context
 
 #: A certificate closer than this to its expiry gets a warning.
@@ -127,26 +128,6 @@ def _systemd_syntax(args: list[str], kwargs: dict[str, str]) -> str | None:
     if "index" in kwargs and not kwargs["index"].isdigit():
         return "index= must be a number"
     return None
-
-
-def split_endpoint(description: str) -> tuple[str, list[str], dict[str, str]]:
-    """An endpoint description's type, positional and keyword arguments
-    (``\\:`` escapes a colon, as in Twisted's own parser)."""
-    parts, current, escaped = [], "", False
-    for c in description:
-        if escaped:
-            current, escaped = current + c, False
-        elif c == "\\":
-            escaped = True
-        elif c == ":":
-            parts.append(current)
-            current = ""
-        else:
-            current += c
-    parts.append(current)
-    args = [p for p in parts[1:] if "=" not in p]
-    kwargs = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
-    return parts[0], args, kwargs
 
 
 def _tls(report: Report, where: str, certificate: Path, private_key: Path,

@@ -7,7 +7,6 @@ fails with one clear message instead of a relay that fails per message.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from twisted.application import strports
@@ -23,6 +22,7 @@ from mxmrelay.auth import CredentialCache, DirectoryChecker, FailureLimiter
 from mxmrelay.config import Config
 from mxmrelay.delivery import Outbound, Realm
 from mxmrelay.directory import IDirectory, TomlDirectory
+from mxmrelay.endpoints import with_backlog
 from mxmrelay.forwarder import Forwarder
 from mxmrelay.smtp import Settings, SMTPFactory
 from mxmrelay.tls import ImplicitTLSFactory, server_context
@@ -30,25 +30,6 @@ from mxmrelay.tls import ImplicitTLSFactory, server_context
 #: Seconds of silence on the implicit-TLS port before a client is taken
 #: for a plain one waiting for its banner (TLS clients speak at once).
 PLAINTEXT_HINT_AFTER = 5.0
-
-#: The listen queue of every TCP listener, unless its endpoint string says
-#: ``backlog=``: Twisted's default of 50 drops the SYNs of a burst of
-#: clients (each then waits 1 s, 3 s, ... to retry).  The kernel caps it
-#: at net.core.somaxconn.  ``workers = N`` binds with the same value.
-LISTEN_BACKLOG = 1024
-_BACKLOG_KINDS = ("tcp", "tcp6", "ssl")
-
-
-def with_backlog(endpoint: str, backlog: int = LISTEN_BACKLOG) -> str:
-    """``endpoint`` with ``:backlog=N`` added if it is a ``tcp:``,
-    ``tcp6:`` or ``ssl:`` endpoint (also behind ``haproxy:``) that sets
-    none.  (``systemd:`` sockets come with the .socket unit's Backlog=.)"""
-    inner = endpoint[len("haproxy:"):] if endpoint.startswith("haproxy:") else endpoint
-    parts = re.split(r"(?<!\\):", inner)
-    if parts[0] not in _BACKLOG_KINDS or any(p.startswith("backlog=") for p in parts[1:]):
-        return endpoint
-    return f"{endpoint}:backlog={backlog}"
-
 
 class _Cleanup(Service):
     """Runs a function as the service stops (after the listeners)."""

@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 
 from mxmrelay.auth import FailureLimiter
 from mxmrelay.config import Config, ConfigError, Listener
+from mxmrelay.endpoints import LISTEN_BACKLOG, split_endpoint, without_proxy
 
 log = Logger(namespace="mxmrelay.workers")
 
@@ -52,19 +53,14 @@ def bind(listener: Listener) -> tuple[socket.socket, bool]:
     ``systemd:domain=INET|INET6:index=N``, each optionally behind
     ``haproxy:``: the endpoints whose socket can be handed to a child.
     """
-    desc = listener.endpoint
-    haproxy = desc.startswith("haproxy:")
-    if haproxy:
-        desc = desc[len("haproxy:"):]
-    kind, args, kwargs = _parse(desc)
+    desc, haproxy = without_proxy(listener.endpoint)
+    kind, args, kwargs = split_endpoint(desc)
     if kind == "tcp" and args:
         host = kwargs.get("interface", "")
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, int(args[0])))
-        from mxmrelay.service import LISTEN_BACKLOG
-
         sock.listen(int(kwargs.get("backlog", LISTEN_BACKLOG)))
     elif kind == "systemd":
         # Twisted's own parser knows the inherited descriptors (it takes
@@ -83,25 +79,6 @@ def bind(listener: Listener) -> tuple[socket.socket, bool]:
                           "tcp:PORT, systemd:domain=...:index=N, or either behind haproxy:")
     sock.setblocking(False)
     return sock, haproxy
-
-
-def _parse(desc: str) -> tuple[str, list[str], dict[str, str]]:
-    """Split a Twisted endpoint description (``\\:`` escapes a colon)."""
-    parts, current, escaped = [], "", False
-    for c in desc:
-        if escaped:
-            current, escaped = current + c, False
-        elif c == "\\":
-            escaped = True
-        elif c == ":":
-            parts.append(current)
-            current = ""
-        else:
-            current += c
-    parts.append(current)
-    args = [p for p in parts[1:] if "=" not in p]
-    kwargs = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
-    return parts[0], args, kwargs
 
 
 class SupervisorControl(LineOnlyReceiver):

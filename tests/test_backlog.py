@@ -133,7 +133,7 @@ class Burst(unittest.TestCase):
 
 class Descriptions(unittest.SynchronousTestCase):
     def test_backlog_added_unless_given(self) -> None:
-        from mxmrelay.service import LISTEN_BACKLOG, with_backlog
+        from mxmrelay.endpoints import LISTEN_BACKLOG, with_backlog
 
         self.assertEqual(LISTEN_BACKLOG, 1024)
         cases = {
@@ -154,7 +154,7 @@ class Descriptions(unittest.SynchronousTestCase):
     def test_endpoints_still_parse(self) -> None:
         from twisted.internet.endpoints import serverFromString
 
-        from mxmrelay.service import with_backlog
+        from mxmrelay.endpoints import with_backlog
 
         for description in ("tcp:0:interface=127.0.0.1", "tcp6:0:interface=\\:\\:1",
                             "haproxy:tcp:0:interface=127.0.0.1"):
