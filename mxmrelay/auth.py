@@ -1,16 +1,15 @@
 """Customer authentication: password hashes, the cred checker, SASL, limits.
 
-Passwords are stored only as scrypt hashes (memory-hard, in the stdlib) and
-checked on a thread so that a 40 ms hash never stalls the reactor.  An
+Passwords are stored only as hashes (scrypt, bcrypt or argon2id: see
+:mod:`mxmrelay.hashes`) and checked on a thread so that a 40 ms hash never
+stalls the reactor.  An
 unknown user is checked against a dummy hash, so the reply time does not
 tell an attacker which addresses exist.
 """
 
 from __future__ import annotations
 
-import base64
 import binascii
-import hashlib
 import hmac
 import os
 from collections import OrderedDict, deque
@@ -26,52 +25,19 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThread
 from zope.interface import implementer
 
+from mxmrelay import hashes
 from mxmrelay.directory import IDirectory, User
+from mxmrelay.hashes import hash_password as hash_password  # mxmrelay-passwd's
 from mxmrelay.reply import Reply
-
-# scrypt cost: 2**14 * 8 * 128 bytes = 16 MiB and ~40 ms per check.
-_N, _R, _P, _DKLEN = 2**14, 8, 1, 32
-
-
-def hash_password(password: str, *, n: int = _N, r: int = _R, p: int = _P) -> str:
-    """An encoded scrypt hash: ``scrypt$n=..,r=..,p=..$salt$hash``."""
-    salt = os.urandom(16)
-    digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=_DKLEN)
-    b64 = base64.b64encode
-    return f"scrypt$n={n},r={r},p={p}${b64(salt).decode()}${b64(digest).decode()}"
 
 
 def verify_password(password: str, encoded: str) -> bool:
-    """Check ``password`` against an encoded hash in constant time."""
+    """Check ``password`` against an encoded hash (any format
+    :mod:`mxmrelay.hashes` knows); an unknown format is a mismatch."""
     try:
-        scheme, params, salt64, hash64 = encoded.split("$")
-        if scheme != "scrypt":
-            return False
-        p = dict(kv.split("=") for kv in params.split(","))
-        salt, expected = base64.b64decode(salt64), base64.b64decode(hash64)
-        digest = hashlib.scrypt(
-            password.encode(),
-            salt=salt,
-            n=int(p["n"]),
-            r=int(p["r"]),
-            p=int(p["p"]),
-            dklen=len(expected),
-            maxmem=256 * 1024 * 1024,
-        )
-    except (ValueError, KeyError, binascii.Error):
+        return hashes.verify(password, encoded)
+    except hashes.InvalidHash:
         return False
-    return hmac.compare_digest(digest, expected)
-
-
-_DUMMY_HASH: str | None = None
-
-
-def _dummy_hash() -> str:
-    """A hash to check unknown users against, so that they cost the same."""
-    global _DUMMY_HASH
-    if _DUMMY_HASH is None:
-        _DUMMY_HASH = hash_password(os.urandom(16).hex())
-    return _DUMMY_HASH
 
 
 @implementer(ICredentialsChecker)
@@ -89,6 +55,8 @@ class DirectoryChecker:
     run: Callable[..., Deferred[Any]] = deferToThread
     #: Remembers recent successful checks (see :class:`CredentialCache`).
     cache: CredentialCache | None = None
+    #: What an unknown user's password is checked against.
+    dummy: hashes.DummyHash = attrs.field(factory=hashes.DummyHash)
     credentialInterfaces = (IUsernamePassword,)
 
     async def _check(self, credentials: Any) -> User:
@@ -102,7 +70,7 @@ class DirectoryChecker:
         encoded = user.password_hash if user is not None else None
         if user is not None and self.cache is not None and self.cache.hit(user, password):
             return user
-        ok = await self.run(_verify_or_dummy, password, encoded)
+        ok = await self.run(_verify_or_dummy, password, encoded, self.dummy)
         if user is None or not ok:
             raise UnauthorizedLogin("Authentication credentials invalid")
         if self.cache is not None:
@@ -156,11 +124,15 @@ class CredentialCache:
             self._entries.popitem(last=False)
 
 
-def _verify_or_dummy(password: str, encoded: str | None) -> bool:
+def _verify_or_dummy(password: str, encoded: str | None, dummy: hashes.DummyHash) -> bool:
+    """Check a known user's hash, or the dummy for an unknown one (both
+    directory backends check every hash's format as they read it)."""
     if encoded is None:
-        verify_password(password, _dummy_hash())
+        hashes.verify(password, dummy.encoded())
         return False
-    return verify_password(password, encoded)
+    hashes.check(encoded)
+    dummy.learn(encoded)
+    return hashes.verify(password, encoded)
 
 
 def decode_response(line: bytes) -> bytes:

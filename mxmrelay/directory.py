@@ -16,6 +16,7 @@ import attrs
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import Interface, implementer
 
+from mxmrelay import hashes
 from mxmrelay.config import Problem, read_toml, unknown_keys
 
 #: The bits an ``X-Mxm-Flags`` value may carry (1|2|4|8).
@@ -219,9 +220,12 @@ class _Check:
         elif email is not None and email.lower() in users:
             self.bad(f"{key}.email", f"duplicate user {email!r}")
         pw = self.string(u, "password", key)
-        if pw is not None and not pw.startswith("scrypt$"):
-            self.bad(f"{key}.password",
-                     "must be a hash made by mxmrelay-passwd (never a clear password)")
+        if pw is not None:
+            try:
+                hashes.check(pw)
+            except hashes.InvalidHash as e:
+                self.bad(f"{key}.password", f"{e}: must be a hash (mxmrelay-passwd makes "
+                         "one), never a clear password")
         name = self.string(u, "customer", key)
         space = spaces.get(name) if name is not None else None
         if name is not None and space is None:

@@ -22,25 +22,22 @@ import treq
 from hyperlink import EncodedURL
 from OpenSSL import SSL
 from treq.client import HTTPClient
-from twisted.internet import ssl, task
+from twisted.internet import task
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.internet.task import CooperativeTask
 from twisted.logger import Logger
 from twisted.web.client import (
-    URI,
-    Agent,
-    BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     ResponseFailed,
     ResponseNeverReceived,
 )
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
+from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
+from mxmrelay.httpclient import make_client
 from mxmrelay.reply import Reply
 
 log = Logger(namespace="mxmrelay.forwarder")
@@ -225,21 +222,11 @@ class Forwarder:
     _headers: Headers = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.pool = HTTPConnectionPool(self.reactor, persistent=True)
-        self.pool.maxPersistentPerHost = 64
-        if self.ca_file is not None:
-            roots = ssl.trustRootFromCertificates(
-                [ssl.Certificate.loadPEM(self.ca_file.read_bytes())])
-            policy = BrowserLikePolicyForHTTPS(trustRoot=roots)
-        else:
-            policy = BrowserLikePolicyForHTTPS()
+        self._client, self.pool = make_client(self.reactor, self.ca_file)
         # Parsed once: treq would parse a string URL on every request.
         self._parsed_url = EncodedURL.from_text(self.url)
         self._headers = Headers({b"Authorization": [b"Bearer " + self.token.encode()],
                                  b"Accept": [b"application/json"]})
-        endpoints = _Endpoints(self.reactor, policy)
-        self._client = HTTPClient(Agent.usingEndpointFactory(self.reactor, endpoints,
-                                                             pool=self.pool))
 
     def close(self) -> Deferred[None]:
         d: Deferred[None] = self.pool.closeCachedConnections()
@@ -325,29 +312,6 @@ class Forwarder:
             raise Reply(451, "4.4.2", "Connection to delivery API failed, try again later")
         log.failure("delivery API call failed", failure)
         raise Reply(451, "4.4.2", "Connection to delivery API failed, try again later")
-
-
-@implementer(IAgentEndpointFactory)
-@attrs.define
-class _Endpoints:
-    """One endpoint per API host, made once: Agent's default factory makes
-    a new one (IDNA-encoding the host) for every request, even when the
-    pool then reuses a connection."""
-
-    reactor: Any
-    policy: BrowserLikePolicyForHTTPS
-    _made: dict[tuple[bytes, bytes, int], Any] = attrs.field(factory=dict)
-
-    def endpointForURI(self, uri: URI) -> Any:
-        key = (uri.scheme, uri.host, uri.port)
-        endpoint = self._made.get(key)
-        if endpoint is None:
-            endpoint = HostnameEndpoint(self.reactor, uri.host, uri.port)
-            if uri.scheme == b"https":
-                creator = self.policy.creatorForNetloc(uri.host, uri.port)
-                endpoint = wrapClientTLS(creator, endpoint)
-            self._made[key] = endpoint
-        return endpoint
 
 
 def _reason(content: bytes) -> str:
