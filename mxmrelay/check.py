@@ -75,14 +75,17 @@ def check(path: Path, reactor: Any, *, activated: bool = False,
     if config.listeners and ok("tls"):
         _tls(report, where, config.tls.certificate, config.tls.private_key,
              now or datetime.datetime.now(datetime.UTC))
-    if config.listeners and ok("directory"):
+    platform = config.platform_directory
+    if platform is not None and platform.ca_file is not None and ok("directory"):
+        _ca_file(report, where, platform.ca_file, "directory.ca_file")
+    if config.listeners and config.directory is not None and ok("directory"):
         try:
             TomlDirectory.from_file(config.directory)
         except InvalidDirectory as e:
             report.errors.extend(Problem(where, "directory", str(p)) for p in e.problems)
     api = config.delivery_api
     if api is not None and api.ca_file is not None and ok("delivery_api"):
-        _ca_file(report, where, api.ca_file)
+        _ca_file(report, where, api.ca_file, "delivery_api.ca_file")
     if not report.errors:
         report.config = config
     return report
@@ -150,16 +153,16 @@ def _tls(report: Report, where: str, certificate: Path, private_key: Path,
                                        f"{certificate}: expires in {days} days, on {when}"))
 
 
-def _ca_file(report: Report, where: str, path: Path) -> None:
+def _ca_file(report: Report, where: str, path: Path, key: str) -> None:
     from OpenSSL import crypto
 
     try:
         crypto.load_certificate(crypto.FILETYPE_PEM, path.read_bytes())
     except OSError as e:
-        report.errors.append(Problem(where, "delivery_api.ca_file",
+        report.errors.append(Problem(where, key,
                                      f"{path}: cannot read: {e.strerror}"))
     except crypto.Error as e:
-        report.errors.append(Problem(where, "delivery_api.ca_file",
+        report.errors.append(Problem(where, key,
                                      f"{path}: not a valid PEM certificate: {e}"))
 
 

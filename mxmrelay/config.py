@@ -32,6 +32,9 @@ TOP_KEYS = ("hostname", "directory", "bounce_address", "max_message_size", "max_
 TLS_KEYS = ("certificate", "private_key")
 LISTENER_KEYS = ("role", "endpoint")
 DELIVERY_KEYS = ("url", "token", "timeout", "ca_file")
+#: ``[directory]``: ``file``, or ``url`` and the keys after it.
+DIRECTORY_KEYS = ("file", "url", "token", "timeout", "ca_file", "ttl", "negative_ttl",
+                  "stale_ttl", "cache_entries")
 #: A table this file once had: the reference API is a program of its own now.
 MOVED = {"reference_api": "the reference API now runs on its own, as "
                           "`twistd mxmrelay-refapi --config FILE` (see the README)"}
@@ -131,14 +134,35 @@ class DeliveryAPIConfig:
 
 
 @attrs.frozen
+class PlatformDirectoryConfig:
+    """``[directory] url = ...``: users from the platform's API (see
+    mxmrelay/platform_directory.py), with the cache's timings."""
+
+    url: str
+    token: str
+    #: Seconds for one lookup; the client waits for its AUTH reply meanwhile.
+    timeout: float = 5.0
+    ca_file: Path | None = None
+    #: Seconds a found user, and an unknown address, are reused.
+    ttl: float = 60.0
+    negative_ttl: float = 10.0
+    #: Seconds after the platform's answer that it still serves while the
+    #: platform fails.
+    stale_ttl: float = 3600.0
+    cache_entries: int = 100_000
+
+
+@attrs.frozen
 class Config:
     hostname: str
-    directory: Path
+    #: The directory file; None when the directory is the platform's.
+    directory: Path | None
     listeners: tuple[Listener, ...]
     tls: TLSConfig
     bounce_template: str
     delivery_api: DeliveryAPIConfig | None
     auth: AuthConfig = AuthConfig()
+    platform_directory: PlatformDirectoryConfig | None = None
     max_message_size: int = 25 * 1024 * 1024
     max_recipients: int = 100
     idle_timeout: float = 300.0
@@ -188,7 +212,8 @@ def _parse(r: _Reader) -> Config:
         listeners.append(Listener(role=role, endpoint=lr.string("endpoint")))
     if not listeners:
         r.problem("listener", "no [[listener]]: nothing to run")
-    hostname, directory = r.string("hostname"), r.path("directory")
+    hostname = r.string("hostname")
+    directory, platform_directory = _directory(r)
     tls = TLSConfig(r.base, r.base)
     t = r.section("tls", TLS_KEYS)
     if t is not None:
@@ -226,6 +251,7 @@ def _parse(r: _Reader) -> Config:
         bounce_template=bounce,
         delivery_api=delivery,
         auth=auth,
+        platform_directory=platform_directory,
         max_message_size=r.integer("max_message_size", 25 * 1024 * 1024, low=1024),
         max_recipients=r.integer("max_recipients", 100, low=1, high=10_000),
         idle_timeout=r.number("idle_timeout", 300.0, low=1),
@@ -234,6 +260,59 @@ def _parse(r: _Reader) -> Config:
         workers=r.workers(),
         source=r.where,
     )
+
+
+def _directory(r: _Reader) -> tuple[Path | None, PlatformDirectoryConfig | None]:
+    """``directory = "FILE"``, or a ``[directory]`` table with ``file`` or
+    with ``url`` (the platform's API) and its keys."""
+    value = r.data.get("directory")
+    if not isinstance(value, dict):
+        return r.path("directory"), None
+    d = r.sub(value, "directory", DIRECTORY_KEYS)
+    if ("file" in value) == ("url" in value):
+        r.problem("directory", "give exactly one of file and url")
+        return None, None
+    if "file" in value:
+        for key in DIRECTORY_KEYS[2:]:
+            if key in value:
+                d.problem(key, "only with url (a directory file has no cache)")
+        return d.path("file"), None
+    url = d.string("url")
+    reason = url_problem(url) if url else None
+    if reason:
+        d.problem("url", reason)
+    token = d.string("token")
+    if token and not (token.isascii() and token.isprintable() and " " not in token):
+        d.problem("token", "must be printable ASCII without spaces")
+    ttl = d.number("ttl", 60.0, low=0, high=86_400)
+    return None, PlatformDirectoryConfig(
+        url=url.rstrip("/"),
+        token=token,
+        timeout=d.number("timeout", 5.0, low=0.1, high=60),
+        ca_file=d.path("ca_file") if "ca_file" in value else None,
+        ttl=ttl,
+        negative_ttl=d.number("negative_ttl", 10.0, low=0, high=3_600),
+        stale_ttl=d.number("stale_ttl", 3600.0, low=0, high=7 * 86_400),
+        cache_entries=d.integer("cache_entries", 100_000, low=1, high=10_000_000),
+    )
+
+
+def url_problem(url: str) -> str | None:
+    """Why ``url`` is no base URL to append ``/{email}`` to, or None."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        return f"not a valid URL: {e}"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http:// or https:// URL with a host"
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        return "must have no ?query or #fragment (the address is appended as a path segment)"
+    if parts.username is not None or port == 0:
+        return "must have no user:password@ and no port 0"
+    return None
 
 
 def _bounce(r: _Reader) -> str:

@@ -233,3 +233,16 @@ class _Check:
         if email is None or pw is None or space is None:
             return None
         return User(email=email, password_hash=pw, customer=space)
+
+
+def space_from_dict(data: Mapping[str, Any], where: str) -> CustomerSpace:
+    """A customer space read as a ``[[customer]]`` table is (the platform
+    directory's answers carry the same keys), or :class:`InvalidDirectory`
+    naming every problem."""
+    check = _Check(where, [])
+    space = check.space(data, "customer", {})
+    if not isinstance(data.get("name", ""), str):
+        check.bad("customer.name", "must be a string")
+    if check.problems or space is None:
+        raise InvalidDirectory("; ".join(map(str, check.problems)), check.problems)
+    return space

@@ -24,6 +24,7 @@ from mxmrelay.delivery import Outbound, Realm
 from mxmrelay.directory import IDirectory, TomlDirectory
 from mxmrelay.endpoints import with_backlog
 from mxmrelay.forwarder import Forwarder
+from mxmrelay.platform_directory import PlatformDirectory
 from mxmrelay.smtp import Settings, SMTPFactory
 from mxmrelay.tls import ImplicitTLSFactory, server_context
 
@@ -159,6 +160,10 @@ def relay_service(config: Config, reactor: Any, parent: MultiService,
     api_cfg = config.delivery_api
     forwarder = Forwarder(reactor, api_cfg.url, api_cfg.token, api_cfg.timeout, api_cfg.ca_file)
     _Cleanup(forwarder.close).setServiceParent(parent)
+    if directory is None and config.platform_directory is not None:
+        platform = PlatformDirectory.open(config.platform_directory, reactor)
+        _Cleanup(platform.close).setServiceParent(parent)
+        directory = platform
     relay = Relay.build(config, reactor, forwarder, directory)
     _Goodbye(relay.factories, reactor, api_cfg.timeout + 5).setServiceParent(parent)
     return relay

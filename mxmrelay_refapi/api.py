@@ -18,6 +18,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
 from mxmrelay_refapi.storage import Database
+from mxmrelay_refapi.users import Users
 from mxmrelay_refapi.web import DEFAULT_MAX_BODY, Routes
 
 __all__ = ["DEFAULT_MAX_BODY", "ReferenceAPI"]
@@ -59,6 +60,7 @@ class ReferenceAPI:
         *,
         reactor: Any,
         max_body: int = DEFAULT_MAX_BODY,
+        directory: pathlib.Path | None = None,
     ) -> ReferenceAPI:
         """Open (creating or upgrading) the database and build the routes.
 
@@ -66,12 +68,15 @@ class ReferenceAPI:
         start-up rather than at the first send.  ``reactor`` runs the
         database thread's results and, at its shutdown, closes it all: a
         forgotten :meth:`close` must not keep the process alive (the worker
-        thread is not a daemon).
+        thread is not a daemon).  ``directory``: a directory TOML file whose
+        users ``GET /v1/smtp-users/{email}`` serves (read here: a file that
+        does not read stops start-up).
         """
         if not token:
             raise ValueError("the bearer token must not be empty")
+        users = Users.open(directory) if directory is not None else None
         db = Database.threaded(database, reactor)
-        routes = Routes(db=db, token=token.encode("utf-8"), max_body=max_body)
+        routes = Routes(db=db, token=token.encode("utf-8"), max_body=max_body, users=users)
         api = cls(resource=routes.resource(), max_body=max_body, db=db, reactor=reactor)
         api._shutdown = reactor.addSystemEventTrigger("during", "shutdown", api._shutting_down)
         return api

@@ -5,6 +5,7 @@
     endpoint = "tcp:8025:interface=127.0.0.1"   # a Twisted server endpoint
     database = "../var/refapi.sqlite3"          # relative to this file's folder
     token = "dev-token"                         # the bearer token POSTs need
+    directory = "directory.dev.toml"            # optional: the users GET /v1/smtp-users serves
 
 Every mistake is reported with the file and the key, all of them at once,
 and a key it does not know is one (a misspelled key must not be ignored).
@@ -26,6 +27,8 @@ import attrs
 __all__ = ["KEYS", "ConfigError", "RefAPIConfig"]
 
 KEYS = ("endpoint", "database", "token")
+#: Keys that may be left out.
+OPTIONAL = ("directory",)
 
 
 class ConfigError(Exception):
@@ -37,6 +40,8 @@ class RefAPIConfig:
     endpoint: str
     database: Path
     token: str
+    #: The directory TOML file of the platform's users, if served.
+    directory: Path | None = None
 
     @classmethod
     def from_file(cls, path: Path) -> RefAPIConfig:
@@ -54,13 +59,15 @@ class RefAPIConfig:
         """The configuration, or :class:`ConfigError` listing every problem."""
         problems = []
         for key in data:
-            if key not in KEYS:
-                close = difflib.get_close_matches(str(key), KEYS, n=1)
+            if key not in KEYS + OPTIONAL:
+                close = difflib.get_close_matches(str(key), KEYS + OPTIONAL, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 problems.append(f"{where}: {key}: unknown key{hint}")
         values = {}
-        for key in KEYS:
+        for key in KEYS + OPTIONAL:
             value = data.get(key)
+            if key in OPTIONAL and key not in data:
+                continue
             if not isinstance(value, str) or not value.strip():
                 problems.append(f"{where}: {key}: missing or not a non-empty string")
             else:
@@ -68,4 +75,5 @@ class RefAPIConfig:
         if problems:
             raise ConfigError("\n".join(problems))
         return cls(endpoint=values["endpoint"], database=base / values["database"],
-                   token=values["token"])
+                   token=values["token"],
+                   directory=base / values["directory"] if "directory" in values else None)

@@ -20,6 +20,7 @@ from twisted.internet.error import CannotListenError
 
 from mxmrelay_refapi.api import ReferenceAPI
 from mxmrelay_refapi.config import ConfigError, RefAPIConfig
+from mxmrelay_refapi.users import UserFileError, Users
 
 __all__ = ["ReferenceAPIService", "service_from_options"]
 
@@ -43,7 +44,8 @@ class ReferenceAPIService(MultiService):
     def privilegedStartService(self) -> None:
         config = self.config
         config.database.parent.mkdir(parents=True, exist_ok=True)
-        api = self.api = ReferenceAPI.open(config.database, config.token, reactor=self.reactor)
+        api = self.api = ReferenceAPI.open(config.database, config.token, reactor=self.reactor,
+                                           directory=config.directory)
         strports.service(config.endpoint, api.site(), reactor=self.reactor).setServiceParent(self)
         try:
             super().privilegedStartService()
@@ -89,6 +91,11 @@ def service_from_options(config_path: str | None, reactor: Any = None) -> IServi
         config = RefAPIConfig.from_file(Path(config_path))
     except ConfigError as e:
         _fail(*str(e).splitlines())
+    if config.directory is not None:
+        try:
+            Users.open(config.directory)
+        except UserFileError as e:
+            _fail(f"{config_path}: directory: {e}")
     try:
         endpoints.serverFromString(reactor, config.endpoint)
     except (ValueError, TypeError, KeyError) as e:

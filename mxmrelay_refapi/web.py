@@ -39,6 +39,7 @@ from mxmrelay_refapi.storage import (
     select_send,
     select_send_preview,
 )
+from mxmrelay_refapi.users import Users
 
 __all__ = ["DEFAULT_MAX_BODY", "Routes"]
 
@@ -111,6 +112,8 @@ class Routes:
     db: Database
     token: bytes
     max_body: int = DEFAULT_MAX_BODY
+    #: The platform's customer users (``GET /v1/smtp-users/{email}``), if served.
+    users: Users | None = None
     app = Klein()
 
     def resource(self) -> IResource:
@@ -151,6 +154,17 @@ class Routes:
             return json_response(200, {"id": stored.id, "duplicate": True}, location).render(
                 request)
         return json_response(201, {"id": stored.id}, location).render(request)
+
+    @app.route("/v1/smtp-users/<email>", methods=["GET"])
+    def get_smtp_user(self, request: _Request, email: str) -> bytes:
+        # The answers carry password hashes: the token is required here too.
+        if not _authorised(request, self.token):
+            return error(request, 401, "a valid bearer token is required",
+                         (b"WWW-Authenticate", b'Bearer realm="mxmrelay"'))
+        user = self.users.find(email) if self.users is not None else None
+        if user is None:
+            return error(request, 404, "no such user")
+        return json_response(200, user).render(request)
 
     # -- the reports, JSON --------------------------------------------------
 
