@@ -90,8 +90,12 @@ class CredentialCache:
     It keeps a keyed hash (HMAC-SHA256 with a key made at start and never
     stored) of user, stored hash and password, for ``ttl`` seconds.  Only
     successes are cached: a wrong password always costs the full scrypt
-    check, so guessing is no faster; a changed password hash in the
-    directory misses.  Bounded: the oldest entries are dropped first.
+    check, so guessing is no faster.  The rule, whatever the directory
+    backend: an entry counts only while the user record the directory
+    gives *now* carries the same password hash (the checker looks the user
+    up before asking the cache, and the hash is part of the keyed hash),
+    so a changed hash misses and a removed user is never looked at.
+    Bounded: the oldest entries are dropped first.
     """
 
     clock: IReactorTime
@@ -122,6 +126,11 @@ class CredentialCache:
         self._entries[key] = (self._mac(user, password), self.clock.seconds() + self.ttl)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        """Forget every login (on a reload: the hash rule alone already
+        refuses a changed password; this also drops removed users' entries)."""
+        self._entries.clear()
 
 
 def _verify_or_dummy(password: str, encoded: str | None, dummy: hashes.DummyHash) -> bool:

@@ -23,6 +23,7 @@ from typing import Any, TextIO
 
 import attrs
 from cryptography import x509
+from twisted.internet import ssl
 
 from mxmrelay.config import Config, ConfigError, Problem
 from mxmrelay.directory import InvalidDirectory, TomlDirectory
@@ -73,8 +74,8 @@ def check(path: Path, reactor: Any, *, activated: bool = False,
             _endpoint(report, where, f"{key}.endpoint", description, reactor, activated,
                       config.workers > 1)
     if config.listeners and ok("tls"):
-        _tls(report, where, config.tls.certificate, config.tls.private_key,
-             now or datetime.datetime.now(datetime.UTC))
+        check_tls(report, where, config.tls.certificate, config.tls.private_key,
+                  now or datetime.datetime.now(datetime.UTC))
     platform = config.platform_directory
     if platform is not None and platform.ca_file is not None and ok("directory"):
         _ca_file(report, where, platform.ca_file, "directory.ca_file")
@@ -133,24 +134,30 @@ def _systemd_syntax(args: list[str], kwargs: dict[str, str]) -> str | None:
     return None
 
 
-def _tls(report: Report, where: str, certificate: Path, private_key: Path,
-         now: datetime.datetime) -> None:
-    """The certificate and key load and match, and the certificate is in date."""
+def check_tls(report: Report, where: str, certificate: Path, private_key: Path,
+              now: datetime.datetime) -> ssl.CertificateOptions | None:
+    """The certificate and key load and match, and the certificate is in
+    date: the options built from them, or None (a reload swaps in what this
+    returns, so start-up and reload accept and refuse the same files)."""
     try:
-        server_context(certificate, private_key)
+        options = server_context(certificate, private_key)
     except TLSConfigError as e:
         report.errors.append(Problem(where, f"tls.{e.key}", str(e)))
-        return
-    leaf = x509.load_pem_x509_certificate(certificate.read_bytes())
+        return None
+    # The certificate as loaded (the file may have changed since).
+    assert options.certificate is not None
+    leaf: x509.Certificate = options.certificate.to_cryptography()
     expires = leaf.not_valid_after_utc
     when = expires.strftime("%Y-%m-%d %H:%M UTC")
     if expires <= now:
         report.errors.append(Problem(where, "tls.certificate",
                                      f"{certificate}: expired on {when}"))
+        return None
     elif expires - now < EXPIRY_WARNING:
         days = (expires - now).days
         report.warnings.append(Problem(where, "tls.certificate",
                                        f"{certificate}: expires in {days} days, on {when}"))
+    return options
 
 
 def _ca_file(report: Report, where: str, path: Path, key: str) -> None:

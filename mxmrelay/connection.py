@@ -18,6 +18,7 @@ from twisted.cred.portal import Portal
 from twisted.internet import ssl
 
 from mxmrelay.auth import FailureLimiter
+from mxmrelay.tls import ReloadableTLS
 
 
 @attrs.define
@@ -67,7 +68,8 @@ class Settings:
 
     hostname: str
     portal: Portal
-    tls: ssl.CertificateOptions | None
+    #: New handshakes take their context from it (swapped by a reload).
+    tls: ssl.CertificateOptions | ReloadableTLS | None
     max_message_size: int
     max_recipients: int
     idle_timeout: float

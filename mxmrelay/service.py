@@ -15,7 +15,6 @@ from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IProtocolFactory, IReactorTime
-from twisted.internet.ssl import CertificateOptions
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mxmrelay.auth import CredentialCache, DirectoryChecker, FailureLimiter
@@ -25,8 +24,9 @@ from mxmrelay.directory import IDirectory, TomlDirectory
 from mxmrelay.endpoints import with_backlog
 from mxmrelay.forwarder import Forwarder
 from mxmrelay.platform_directory import PlatformDirectory
+from mxmrelay.reload import OnSignal, ReloadableDirectory, Reloader
 from mxmrelay.smtp import Settings, SMTPFactory
-from mxmrelay.tls import ImplicitTLSFactory, server_context
+from mxmrelay.tls import ImplicitTLSFactory, ReloadableTLS, server_context
 
 #: Seconds of silence on the implicit-TLS port before a client is taken
 #: for a plain one waiting for its banner (TLS clients speak at once).
@@ -141,6 +141,7 @@ def make_service(config: Config, reactor: Any, directory: IDirectory | None = No
     """Build the relay: its forwarder, factories and listeners."""
     top = InOrder()
     relay = relay_service(config, reactor, top, directory)
+    OnSignal(reactor, relay.reloader.reload).setServiceParent(top)
     for listener in config.listeners:
         factory = relay.factory(listener.role, listener.endpoint.startswith("haproxy:"))
         strports.service(with_backlog(listener.endpoint), factory,
@@ -174,24 +175,32 @@ class Relay:
     one TLS context and one set of AUTH failure counters."""
 
     def __init__(self, config: Config, reactor: Any, settings: Settings,
-                 tls: CertificateOptions) -> None:
+                 tls: ReloadableTLS, reloader: Reloader | None = None) -> None:
         self.config = config
         self.reactor = reactor
         self.settings = settings
         self.tls = tls
         self.factories: list[SMTPFactory] = []
+        #: Re-reads the directory file and the certificate (SIGHUP).
+        self.reloader = reloader or Reloader(config, tls, None, None)
 
     @classmethod
     def build(cls, config: Config, reactor: Any, forwarder: Forwarder,
               directory: IDirectory | None = None) -> Relay:
-        tls = server_context(config.tls.certificate, config.tls.private_key)
+        tls = ReloadableTLS(server_context(config.tls.certificate, config.tls.private_key))
+        reloadable = None
+        if directory is None and config.directory is not None:
+            reloadable = ReloadableDirectory(config.directory,
+                                             TomlDirectory.from_file(config.directory))
+            directory = IDirectory(reloadable)
         if directory is None:
-            directory = IDirectory(TomlDirectory.from_file(config.directory))
+            raise ValueError("no directory: neither a file nor one passed in")
         outbound = Outbound(forwarder, config.hostname, config.bounce_template,
                             config.spool_memory)
         cache = CredentialCache(reactor, config.auth.cache_ttl)
         portal = Portal(Realm(outbound), [DirectoryChecker(directory, cache=cache)])
-        return cls(config, reactor, settings_for(config, portal, tls, reactor), tls)
+        return cls(config, reactor, settings_for(config, portal, tls, reactor), tls,
+                   Reloader(config, tls, reloadable, cache))
 
     def factory(self, role: str, proxied: bool = False) -> IProtocolFactory:
         """The factory to listen with for ``role``: the SMTP factory, behind

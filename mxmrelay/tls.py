@@ -12,12 +12,17 @@ from typing import Any
 
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
-from twisted.internet.interfaces import IReactorTime, ITransport
+from twisted.internet.interfaces import (
+    IOpenSSLServerConnectionCreator,
+    IReactorTime,
+    ITransport,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 #: Mozilla's "intermediate" list for TLS 1.2 (TLS 1.3 suites are fixed).
 CIPHERS = (
@@ -81,6 +86,23 @@ def server_context(certificate: Path, private_key: Path) -> ssl.CertificateOptio
             f"{private_key}: the key does not match the certificate in {certificate}: {e}",
             "private_key") from e
     return options
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ReloadableTLS:
+    """The listeners' TLS options, replaceable while they listen.
+
+    Every new handshake (port 465, and each STARTTLS) takes its connection
+    from the options held here at that moment, so a certificate reload
+    (:mod:`mxmrelay.reload`) swaps :attr:`options` and only new handshakes
+    see it; a session already established keeps the context it began with.
+    """
+
+    def __init__(self, options: ssl.CertificateOptions) -> None:
+        self.options = options
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        return SSL.Connection(self.options.getContext(), None)
 
 
 def describe(transport: ITransport) -> tuple[str | None, str | None]:

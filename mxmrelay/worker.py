@@ -30,15 +30,22 @@ class WorkerControl(LineOnlyReceiver):
 
     delimiter = b"\n"
 
-    def __init__(self, limiters: dict[str, Any], reactor: Any) -> None:
+    def __init__(self, limiters: dict[str, Any], reactor: Any,
+                 on_reload: Any = None) -> None:
         self.limiters = limiters
         self.reactor = reactor
+        #: What ``["reload"]`` (the supervisor's SIGHUP) runs.
+        self.on_reload = on_reload
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.reactor.running:
             self.reactor.stop()
 
     def lineReceived(self, line: bytes) -> None:
+        if line == b'["reload"]':
+            if self.on_reload is not None:
+                self.on_reload()
+            return
         try:
             verb, kind, key, until = json.loads(line)
         except (ValueError, TypeError):
@@ -62,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
 
     reactor: Any = _reactor
 
+    from mxmrelay.reload import OnSignal
     from mxmrelay.service import InOrder, relay_service
 
     index = args.index
@@ -77,7 +85,10 @@ def main(argv: list[str] | None = None) -> None:
     relay = relay_service(config, reactor, top)
     settings = relay.settings
     control = WorkerControl({"address": settings.address_limiter, "user": settings.user_limiter},
-                       reactor)
+                       reactor, relay.reloader.reload)
+    # A SIGHUP sent to the worker itself (to the whole process group, say)
+    # reloads it too, rather than ending it.
+    OnSignal(reactor, relay.reloader.reload).setServiceParent(top)
     settings.address_limiter.on_record = lambda key: control.report("address", key)
     settings.user_limiter.on_record = lambda key: control.report("user", key)
     reactor.adoptStreamConnection(args.control, socket.AF_UNIX,

@@ -86,8 +86,8 @@ class SupervisorControl(LineOnlyReceiver):
 
     A worker sends ``["fail", "address"|"user", KEY]``; the supervisor
     counts, and when a key crosses its limit sends ``["block", KIND, KEY,
-    UNTIL]`` to every worker.  One JSON array a line: a key, which a client
-    chose, can never add a line of its own.
+    UNTIL]`` to every worker, and ``["reload"]`` on SIGHUP.  One JSON array
+    a line: a key, which a client chose, can never add a line of its own.
     """
 
     delimiter = b"\n"
@@ -195,6 +195,13 @@ class Supervisor(Service):
         if self.running and index not in self.workers:
             self.spawn(index)
 
+    def reload(self) -> None:
+        """SIGHUP: every worker reloads (see mxmrelay/reload.py) and logs
+        its own outcome; a worker starting meanwhile reads the files anew."""
+        log.info("reload: asking {count} workers", count=len(self.channels))
+        for channel in self.channels:
+            channel.sendLine(json.dumps(["reload"]).encode())
+
     def stopService(self) -> Deferred[None]:
         super().stopService()
         return Deferred.fromCoroutine(self._stop())
@@ -224,8 +231,11 @@ class Supervisor(Service):
 
 
 def make_supervised_service(config: Config, config_path: Path, reactor: Any) -> MultiService:
+    from mxmrelay.reload import OnSignal
     from mxmrelay.service import InOrder
 
     top = InOrder()
-    Supervisor(config_path.resolve(), config, reactor).setServiceParent(top)
+    supervisor = Supervisor(config_path.resolve(), config, reactor)
+    supervisor.setServiceParent(top)
+    OnSignal(reactor, supervisor.reload).setServiceParent(top)
     return top
