@@ -139,7 +139,12 @@ def _verify_or_dummy(password: str, encoded: str | None, dummy: hashes.DummyHash
     if encoded is None:
         hashes.verify(password, dummy.encoded())
         return False
-    hashes.check(encoded)
+    try:
+        hashes.check(encoded)
+    except hashes.InvalidHash:
+        # A malformed hash in the directory file: no password matches it.
+        hashes.verify(password, dummy.encoded())
+        return False
     dummy.learn(encoded)
     return hashes.verify(password, encoded)
 

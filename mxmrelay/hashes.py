@@ -64,6 +64,14 @@ def hash_password(password: str, *, n: int = _N, r: int = _R, p: int = _P) -> st
     return f"scrypt$n={n},r={r},p={p}${b64(salt).decode()}${b64(digest).decode()}"
 
 
+PREFIXES = ("scrypt$", "$2a$", "$2b$", "$2y$", "$argon2id$")
+
+
+def known_format(encoded: str) -> bool:
+    """Does ``encoded`` start as a hash of a known format does?"""
+    return encoded.startswith(PREFIXES)
+
+
 def check(encoded: str) -> str:
     """The part of ``encoded`` that names its format and cost (its salt and
     digest cut off: ``$2b$12$``), or :class:`InvalidHash` saying why."""
