@@ -27,10 +27,13 @@ UV_VERSION := 0.13.9
 # provides ...
 TEST_TOOLS := swaks curl openssl chromium
 # ... and the compatibility tests' clients (tests/test_compat.py, the
-# fail2ban filter test), installed when this Debian has them.  Every one of
+# fail2ban filter test), and the servers of the several-relays tests
+# (tests/test_redis_state.py, tests/test_haproxy.py: a redis-server and a
+# haproxy each test starts on loopback ports of its own, never the
+# packages' own daemons), installed when this Debian has them.  Every one of
 # them is optional: a test whose client is missing is skipped, with the
 # reason, and the relay's own tests need none of them.
-TEST_PACKAGES := msmtp php-cli libphp-phpmailer fail2ban
+TEST_PACKAGES := msmtp php-cli libphp-phpmailer fail2ban redis-server haproxy
 # Seconds to wait for apt's lock when another apt or dpkg holds it.
 APT_LOCK_TIMEOUT ?= 120
 # Consulted by every package's maintainer scripts before starting a service.

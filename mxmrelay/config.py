@@ -20,6 +20,9 @@ from typing import Any
 
 import attrs
 
+from mxmrelay import limits_keys
+from mxmrelay.limits import Limits
+
 ROLES = ("smtp", "submission", "smtps")
 """Listener roles: ``smtp`` is the port-25 role and ``submission`` the 587
 role (both plain, then STARTTLS, which is required), ``smtps`` the 465 role
@@ -28,7 +31,7 @@ role (both plain, then STARTTLS, which is required), ``smtps`` the 465 role
 #: The keys of each table; anything else is refused (see :func:`unknown_keys`).
 TOP_KEYS = ("hostname", "directory", "bounce_address", "max_message_size", "max_recipients",
             "idle_timeout", "max_connections_per_address", "spool_memory", "workers",
-            "tls", "listener", "delivery_api", "auth")
+            "tls", "listener", "delivery_api", "auth", "limits", "state")
 TLS_KEYS = ("certificate", "private_key")
 LISTENER_KEYS = ("role", "endpoint")
 DELIVERY_KEYS = ("url", "token", "timeout", "ca_file")
@@ -174,6 +177,10 @@ class Config:
     workers: int = 1
     #: The file it was read from, as given: start-up errors name it.
     source: str = "config"
+    #: ``[limits]``: the sending limits' defaults (each space may override them).
+    limits: Limits = attrs.Factory(Limits)
+    #: ``[state]``: where the limits' and AUTH failures' counters live.
+    state: limits_keys.StateConfig = attrs.Factory(limits_keys.StateConfig)
 
     @classmethod
     def from_file(cls, path: Path) -> Config:
@@ -259,6 +266,8 @@ def _parse(r: _Reader) -> Config:
         spool_memory=r.integer("spool_memory", 512 * 1024, low=1),
         workers=r.workers(),
         source=r.where,
+        limits=limits_keys.limits(r),
+        state=limits_keys.state(r),
     )
 
 

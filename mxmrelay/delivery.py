@@ -29,6 +29,7 @@ from mxmrelay.directory import User
 from mxmrelay.envelope import MAX_PATH
 from mxmrelay.forwarder import Forwarder
 from mxmrelay.reply import Reply, quote
+from mxmrelay.limiter import Limiter, Reservation
 from mxmrelay.spool import Spool
 from mxmrelay.trace import received_header
 
@@ -83,6 +84,8 @@ class Outbound:
     bounce_template: str
     spool_memory: int
 
+    #: The sending limits (None: none, as in tests that build no relay).
+    limiter: Limiter | None = None
 
 @implementer(IRealm)
 @attrs.frozen
@@ -98,7 +101,15 @@ class Realm:
         assert isinstance(avatarId, User) and isinstance(mind, ConnectionInfo)
         if IMessageDelivery not in interfaces:
             raise NotImplementedError("mxmrelay only provides IMessageDelivery")
-        return IMessageDelivery, CustomerDelivery(avatarId, mind, self.outbound), lambda: None
+        delivery = CustomerDelivery(avatarId, mind, self.outbound)
+        limiter = self.outbound.limiter
+        if limiter is None:
+            return IMessageDelivery, delivery, delivery.logout
+        # After the password: the client's network, then a session slot
+        # (a Reply refuses the login: 535 or 421).
+        d = limiter.login(avatarId, mind.client)
+        d.addCallback(delivery.hold_session)
+        return d.addCallback(lambda _: (IMessageDelivery, delivery, delivery.logout))
 
 
 @implementer(IMessageDelivery)
@@ -114,6 +125,27 @@ class CustomerDelivery:
         self.connection = connection
         self.outbound = outbound
         self._mail_from = ""
+        #: The send MAIL FROM reserved, until the session's transaction takes it.
+        self._reservation: Reservation | None = None
+        self._free_session: Callable[[], None] | None = None
+
+    def hold_session(self, free: Callable[[], None]) -> None:
+        self._free_session = free
+
+    def take_reservation(self) -> Reservation | None:
+        """The send the last MAIL FROM reserved, now the transaction's to
+        keep (a 250) or give back (anything else)."""
+        reservation, self._reservation = self._reservation, None
+        return reservation
+
+    def logout(self) -> None:
+        """The session is over: its slot is free, an unclaimed send given back."""
+        reservation = self.take_reservation()
+        if reservation is not None:
+            reservation.give_back()
+        free, self._free_session = self._free_session, None
+        if free is not None:
+            free()
         self._recipients: list[str] = []
 
     def receivedHeader(self, helo: Any, origin: Any, recipients: Any) -> bytes:
@@ -125,15 +157,25 @@ class CustomerDelivery:
     def _protocol(self) -> str:
         return "ESMTPSA" if self.connection.tls_version else "ESMTPA"
 
-    def validateFrom(self, helo: Any, origin: str) -> str:
-        """The seed's sender rule: MAIL FROM must be in the space's domains.
-        A new MAIL starts a new envelope."""
+    def validateFrom(self, helo: Any, origin: str) -> str | Deferred[str]:
+        """The seed's sender rule: MAIL FROM must be in the space's domains;
+        then one send is reserved against the space's limits (a ``451
+        4.7.1`` with ``retry-after`` when one is hit).  A new MAIL starts a
+        new envelope."""
         if not self.user.customer.owns(origin):
             raise Reply(553, "5.7.1", f"<{quote(origin, MAX_PATH)}>: Sender address rejected: "
                                       f"not owned by user {self.user.email}")
         self._mail_from = origin
         self._recipients = []
-        return origin
+        limiter = self.outbound.limiter
+        if limiter is None:
+            return origin
+
+        def reserved(reservation: Reservation | None) -> str:
+            self._reservation = reservation
+            return origin
+
+        return limiter.reserve(self.user, self.connection.client).addCallback(reserved)
 
     def validateTo(self, user: str) -> Callable[[], RelayMessage]:
         self._recipients.append(user)

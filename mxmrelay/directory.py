@@ -16,15 +16,17 @@ import attrs
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import Interface, implementer
 
-from mxmrelay import hashes
+from mxmrelay import hashes, limits_keys
 from mxmrelay.config import Problem, read_toml, unknown_keys
+from mxmrelay.limits import NO_OVERRIDES, Network, Overrides
 
 #: The bits an ``X-Mxm-Flags`` value may carry (1|2|4|8).
 MAX_FLAGS = 15
 
 #: The keys of a ``[[customer]]`` and of a ``[[user]]``; anything else is refused.
-CUSTOMER_KEYS = ("id", "name", "domains", "flags", "from_flags", "allow_subdomains")
-USER_KEYS = ("email", "password", "customer")
+CUSTOMER_KEYS = ("id", "name", "domains", "flags", "from_flags", "allow_subdomains",
+                 *limits_keys.SPACE_KEYS)
+USER_KEYS = ("email", "password", "customer", "allowed_networks")
 
 
 @attrs.frozen
@@ -41,6 +43,8 @@ class CustomerSpace:
     from_flags: Mapping[str, int] = attrs.field(factory=dict)
     #: Whether ``sub.example.com`` matches an allowed ``example.com``.
     allow_subdomains: bool = False
+    #: Sending limits this space sets over the configuration's defaults.
+    limits: Overrides = NO_OVERRIDES
 
     def owns(self, address: str) -> bool:
         """Is the domain of ``address`` one this space may send from?"""
@@ -66,6 +70,8 @@ class User:
     email: str
     password_hash: str
     customer: CustomerSpace
+    #: The networks this user may log in from (over the space's); None: the space's.
+    allowed_networks: tuple[Network, ...] | None = None
 
 
 class DirectoryError(Exception):
@@ -200,6 +206,7 @@ class _Check:
         allow_sub = c.get("allow_subdomains", False)
         if not isinstance(allow_sub, bool):
             self.bad(f"{key}.allow_subdomains", "must be true or false")
+        overrides = limits_keys.overrides(c, lambda k, why: self.bad(f"{key}.{k}", why))
         if cid is None or cid in spaces:
             return None
         return CustomerSpace(
@@ -209,6 +216,7 @@ class _Check:
             default_flags=flags,
             from_flags=from_flags,
             allow_subdomains=bool(allow_sub),
+            limits=overrides,
         )
 
     def user(self, u: Mapping[str, Any], key: str, spaces: Mapping[str, CustomerSpace],
@@ -229,9 +237,10 @@ class _Check:
         space = spaces.get(name) if name is not None else None
         if name is not None and space is None:
             self.bad(f"{key}.customer", "names no customer space in this file")
+        networks = limits_keys.networks(u, lambda k, why: self.bad(f"{key}.{k}", why))
         if email is None or pw is None or space is None:
             return None
-        return User(email=email, password_hash=pw, customer=space)
+        return User(email=email, password_hash=pw, customer=space, allowed_networks=networks)
 
 
 def space_from_dict(data: Mapping[str, Any], where: str) -> CustomerSpace:

@@ -134,6 +134,12 @@ class Login:
                 log.failure("auth error client={client}", f, client=client)
             return say(Reply(454, "4.7.0", "Temporary authentication failure"))
 
+            if isinstance(f.value, Reply):
+                # A sending limit refused the login after its password
+                # passed (logged there): 535 from outside allowed_networks,
+                # 421 past the user's sessions (then goodbye).
+                return say(f.value, CLOSE if f.value.code == 421 else None)
+            metrics.auth_attempt("error")
         return answer(d, done, failed)
 
 

@@ -17,7 +17,8 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from mxmrelay.auth import CredentialCache, DirectoryChecker, FailureLimiter
+from mxmrelay import limiter as limits
+from mxmrelay.auth import CredentialCache, DirectoryChecker
 from mxmrelay.config import Config
 from mxmrelay.delivery import Outbound, Realm
 from mxmrelay.directory import IDirectory, TomlDirectory
@@ -166,6 +167,7 @@ def relay_service(config: Config, reactor: Any, parent: MultiService,
         _Cleanup(platform.close).setServiceParent(parent)
         directory = platform
     relay = Relay.build(config, reactor, forwarder, directory)
+    limits.share(relay.settings, parent)
     _Goodbye(relay.factories, reactor, api_cfg.timeout + 5).setServiceParent(parent)
     return relay
 
@@ -195,8 +197,9 @@ class Relay:
             directory = IDirectory(reloadable)
         if directory is None:
             raise ValueError("no directory: neither a file nor one passed in")
+        limiter = limits.build(config, reactor)
         outbound = Outbound(forwarder, config.hostname, config.bounce_template,
-                            config.spool_memory)
+                            config.spool_memory, limiter)
         cache = CredentialCache(reactor, config.auth.cache_ttl)
         portal = Portal(Realm(outbound), [DirectoryChecker(directory, cache=cache)])
         return cls(config, reactor, settings_for(config, portal, tls, reactor), tls,
@@ -225,7 +228,7 @@ def settings_for(config: Config, portal: Portal, tls: Any, clock: IReactorTime) 
         idle_timeout=config.idle_timeout,
         max_auth_failures=a.max_failures_per_connection,
         max_connections_per_address=config.max_connections_per_address,
-        address_limiter=FailureLimiter(clock, a.max_failures_per_address, a.window),
-        user_limiter=FailureLimiter(clock, a.max_failures_per_user, a.window),
+        address_limiter=limits.SharedFailureLimiter(clock, a.max_failures_per_address, a.window),
+        user_limiter=limits.SharedFailureLimiter(clock, a.max_failures_per_user, a.window),
     )
 

@@ -204,6 +204,8 @@ class SMTPSession:
 
     def _reset(self, phase: Phase) -> None:
         """End the transaction, if any (its message is not started)."""
+        if self.transaction is not None:
+            self.transaction.abandon()
         self.transaction = None
         self.phase = phase
 
@@ -271,7 +273,13 @@ class SMTPSession:
                           address)
 
         def done(_: object) -> Step:
-            self.transaction = Transaction(address, smtputf8)
+            take = getattr(self.login.avatar, "take_reservation", None)
+            transaction = Transaction(address, smtputf8,
+                                      reservation=take() if take is not None else None)
+            if self.phase is Phase.CLOSED:  # gone while the limits were asked
+                transaction.abandon()
+                return Step()
+            self.transaction = transaction
             self.phase = Phase.MAIL
             return say_raw(_SENDER_OK)
 

@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from mxmrelay.actions import Step, answer, say
 from mxmrelay.connection import ConnectionInfo, Settings
 from mxmrelay.datareader import DataReader, IBulkMessage
+from mxmrelay.limiter import Reservation
 from mxmrelay.envelope import MAX_PATH, mail_parameters, need_smtputf8, parse_path_command
 from mxmrelay.reply import Reply, quote
 
@@ -56,6 +57,24 @@ class Transaction:
     new_message: Callable[[], IBulkMessage] | None = None
     message: IBulkMessage | None = None
     reader: DataReader | None = None
+    #: The send MAIL FROM reserved against the space's limits: kept by a
+    #: 250 at the end of DATA, given back by anything else (so a refused
+    #: or failed send uses no quota).
+    reservation: Reservation | None = None
+
+    def _settle(self, kept: bool) -> None:
+        if self.reservation is not None:
+            if kept:
+                self.reservation.keep()
+            else:
+                self.reservation.give_back()
+
+    def abandon(self) -> None:
+        """The transaction ends before DATA (RSET, EHLO, STARTTLS, QUIT):
+        its send is given back.  (Once DATA has begun, the end of DATA or
+        :meth:`discard` settles it.)"""
+        if self.reader is None:
+            self._settle(False)
 
     def recipient(self, arg: str, *, esmtp: bool, max_recipients: int) -> str:
         """RCPT TO's argument: the address.  Raises the
@@ -87,6 +106,7 @@ class Transaction:
         assert message is not None and reader is not None
         self.message = None
         if reader.error is not None:
+            self._settle(False)
             return say(reader.error)
         # One log line per transaction, written once its answer is known.
         facts = {"client": info.client, "user": info.user, "sender": self.mail_from,
@@ -95,9 +115,11 @@ class Transaction:
         def done(send_id: str) -> Step:
             log.info("sent id={id} client={client} user={user} from={sender} rcpts={rcpts} "
                      "size={size}", id=send_id, **facts)
+            self._settle(True)
             return say(Reply(250, "2.0.0", f"Ok: queued as {send_id}"))
 
         def failed(f: Failure) -> Step:
+            self._settle(False)
             step = refused(f, info.client)
             log.info("refused reply={reply} client={client} user={user} from={sender} "
                      "rcpts={rcpts} size={size}", reply=str(f.value), **facts)
@@ -106,7 +128,10 @@ class Transaction:
         return answer(maybeDeferred(message.eomReceived), done, failed)
 
     def discard(self) -> None:
-        """The connection is gone mid-message."""
+        """The connection is gone: before DATA or mid-message, the send is
+        given back (after it, the end of DATA's answer settles it)."""
+        if self.reader is None or self.message is not None:
+            self._settle(False)
         if self.message is not None:
             self.message.connectionLost()
             self.message = None
