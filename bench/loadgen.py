@@ -25,6 +25,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import importlib
 import math
 import os
 import random
@@ -38,7 +39,7 @@ from typing import Any, TypeVar
 
 uvloop: ModuleType | None
 try:  # pragma: no cover - depends on the environment
-    import uvloop
+    uvloop = importlib.import_module("uvloop")
 except ImportError:  # pragma: no cover
     uvloop = None
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -29,7 +30,7 @@ from typing import Any
 
 uvloop: ModuleType | None
 try:  # pragma: no cover - depends on the environment
-    import uvloop
+    uvloop = importlib.import_module("uvloop")
 except ImportError:  # pragma: no cover
     uvloop = None
 

@@ -20,6 +20,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Site
 
 from mxmrelay_refapi.api import ReferenceAPI
+from tests.helpers import listen
 
 TOKEN = "s3cret-token"
 BOUNDARY = b"mxmrelay-7c1d2e3f4a5b"
@@ -109,15 +110,15 @@ class APITestCase(unittest.TestCase):
     def serve(
         self, database: Path | None = None, *, max_body: int | None = None, plain: bool = False
     ) -> tuple[ReferenceAPI, str]:
-        kwargs = {} if max_body is None else {"max_body": max_body}
+        kwargs: dict[str, Any] = {} if max_body is None else {"max_body": max_body}
         api = ReferenceAPI.open(
             database or self.folder / "sends.sqlite3", TOKEN, reactor=reactor, **kwargs
         )
         self.addCleanup(api.close)
         site = Site(api.resource) if plain else api.site()
-        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        port, number = listen(site)
         self.addCleanup(port.stopListening)
-        return api, f"http://127.0.0.1:{port.getHost().port}"
+        return api, f"http://127.0.0.1:{number}"
 
     async def request(
         self,
@@ -127,7 +128,9 @@ class APITestCase(unittest.TestCase):
         url: str | None = None,
         **headers: str | bytes,
     ) -> Response:
-        h = Headers({k.replace("_", "-"): [v] for k, v in headers.items()})
+        # As Headers encodes text: names ISO-8859-1, values UTF-8.
+        h = Headers({k.replace("_", "-").encode("iso-8859-1"):
+                     [v.encode() if isinstance(v, str) else v] for k, v in headers.items()})
         response = await self.http.request(method, (url or self.url) + path, data=body, headers=h)
         content = await response.content()
         return Response(response.code, response.headers, content)

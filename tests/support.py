@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 import smtplib
 import socket
 import ssl
@@ -28,6 +29,7 @@ from mxmrelay.directory import TomlDirectory
 from mxmrelay.forwarder import Forwarder
 from mxmrelay.service import Relay
 from mxmrelay_refapi.api import ReferenceAPI
+from tests.helpers import listen
 
 T = TypeVar("T")
 
@@ -101,9 +103,9 @@ class API:
     def __init__(self, testcase: Any, folder: Path) -> None:
         self.api = ReferenceAPI.open(folder / "api.sqlite3", TOKEN, reactor=reactor)
         self.site = self.api.site()
-        self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
-        self.url = f"http://127.0.0.1:{self.port.getHost().port}/v1/sends"
-        self.base = f"http://127.0.0.1:{self.port.getHost().port}"
+        self.port, number = listen(self.site)
+        self.url = f"http://127.0.0.1:{number}/v1/sends"
+        self.base = f"http://127.0.0.1:{number}"
         testcase.addCleanup(self.api.close)
         testcase.addCleanup(self.port.stopListening)
 
@@ -128,9 +130,8 @@ class RelayUnderTest:
         self.relay = Relay.build(self.config, reactor, self.forwarder, directory())
         self.ports: dict[str, int] = {}
         for role in ("smtp", "submission", "smtps"):
-            port = reactor.listenTCP(0, self.relay.factory(role), interface="127.0.0.1")
+            port, self.ports[role] = listen(self.relay.factory(role))
             testcase.addCleanup(port.stopListening)
-            self.ports[role] = port.getHost().port
         testcase.addCleanup(self._drop_connections)
 
     def _drop_connections(self) -> None:
@@ -241,11 +242,18 @@ class RawClient:
 
 
 def message(subject: str = "Hello", to: str = "someone@example.org",
-            sender: str = '"Shop" <shop@example.com>', extra: str = "",
-            body: str = "Hi there.\r\n") -> bytes:
-    return (f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\n"
-            f"Message-ID: <{subject.replace(' ', '.')}@client.test>\r\n{extra}\r\n{body}"
-            ).encode()
+            sender: str = '"Shop" <shop@example.com>', extra: str | bytes = "",
+            body: str | bytes = "Hi there.\r\n") -> bytes:
+    """A small message as an application writes it: From, To, Subject, a
+    Message-ID made of the subject, the ``extra`` header lines, ``body``."""
+    mid = re.sub(r"\W", ".", subject)
+    head = (f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{mid}@client.test>\r\n").encode()
+    return head + _utf8(extra) + b"\r\n" + _utf8(body)
+
+
+def _utf8(text: str | bytes) -> bytes:
+    return text.encode() if isinstance(text, str) else text
 
 
 async def fetch_json(url: str) -> Any:

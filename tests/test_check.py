@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import io
-import json
 import os
 import re
 import socket
@@ -25,8 +24,7 @@ from cryptography.x509.oid import NameOID
 from twisted.trial.unittest import SynchronousTestCase
 
 from mxmrelay import check
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT, toml
 
 DIRECTORY = """\
 [[customer]]
@@ -38,21 +36,6 @@ email = "demo@example.com"
 password = "scrypt$n=1024,r=8,p=1$c2FsdA==$aGFzaA=="
 customer = "demo"
 """
-
-
-def toml(data: dict[str, Any]) -> str:
-    """Just enough TOML: scalars, tables, arrays of tables of scalars."""
-    def pairs(d: dict[str, Any]) -> list[str]:
-        return [f"{k} = {json.dumps(v)}" for k, v in d.items()]
-
-    lines = pairs({k: v for k, v in data.items() if not isinstance(v, dict | list)})
-    for key, value in data.items():
-        if isinstance(value, dict):
-            lines += [f"[{key}]", *pairs(value)]
-        elif isinstance(value, list):
-            for item in value:
-                lines += [f"[[{key}]]", *pairs(item)]
-    return "\n".join(lines) + "\n"
 
 
 def certificate(folder: Path, days: float, name: str = "cert") -> tuple[Path, Path]:

@@ -24,9 +24,7 @@ blocking, since the relay under test shares it; smtplib runs on a thread.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import smtplib
 from email import policy
 from email.headerregistry import Address
@@ -37,13 +35,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from twisted.internet import reactor
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
+from tests.helpers import ROOT, need, queued, queued_id, run_apart
 from tests.support import RelayUnderTest, fetch_bytes, fetch_json, in_thread
 
-ROOT = Path(__file__).resolve().parent.parent
 NODEMAILER = ROOT / "var" / "node" / "node_modules" / "nodemailer"
 PHPMAILER = Path("/usr/share/php/libphp-phpmailer/autoload.php")
 USER, PASSWORD = "demo@example.com", "demo-password"
@@ -53,30 +49,15 @@ RECIPIENT = "someone@example.org"
 #: space between two encoded words it splits a longer one into.
 SUBJECT = "Bestellung 4711 \N{EN DASH} Grüße aus Zürich ✓"
 TEXT = "Grüß Gott,\n\nIhre Bestellung ist unterwegs. Café, crème brûlée, 東京.\n"
-#: The DATA reply; the id is Crockford's base 32 in lower case, as the relay writes it.
-QUEUED = re.compile(r"250 2\.0\.0 Ok: queued as ([0-9a-hjkmnp-tv-z]{26})\b")
+#: The id in the DATA reply: Crockford's base 32 in lower case, as the relay writes it.
+SEND_ID = r"[0-9a-hjkmnp-tv-z]{26}\b"
+QUEUED = queued(SEND_ID)
 #: The role of each run, and whether its TLS is implicit.
 ROLES = {"submission": False, "smtps": True}
 
 
 def display_name(client: str) -> str:
     return f"Café {client}"
-
-
-def need(program: str) -> str:
-    path = shutil.which(program)
-    if path is None:
-        raise unittest.SkipTest(f"{program} is not installed (make tools installs it)")
-    return path
-
-
-async def run(executable: str, *args: str | Path, stdin: bytes | None = None,
-              path: Path | None = None) -> tuple[str, str, int]:
-    """A short-lived process: its stdout, its stderr, and its exit code."""
-    out, err, code = await getProcessOutputAndValue(
-        executable, [str(a) for a in args], env=dict(os.environ),
-        path=None if path is None else str(path), reactor=reactor, stdinBytes=stdin)
-    return out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), code
 
 
 class CompatTestCase(unittest.TestCase):
@@ -133,13 +114,6 @@ class CompatTestCase(unittest.TestCase):
         return one, raw, msg
 
 
-def queued_id(text: str) -> str:
-    found = QUEUED.findall(text)
-    assert found, f"no '250 2.0.0 Ok: queued as <id>' in:\n{text}"
-    send_id: str = found[-1]
-    return send_id
-
-
 # -- Nodemailer --------------------------------------------------------------
 
 NODEMAILER_JS = r"""
@@ -190,7 +164,7 @@ class Nodemailer(CompatTestCase):
                   "ca": str(self.relay.ca_file), "user": USER, "pass": PASSWORD,
                   "name": display_name(self.client), "from": SENDER, "to": RECIPIENT,
                   "subject": SUBJECT, "text": TEXT, "tag": f"compat,{self.client}"}
-        out, err, code = await run(self.node, script, NODEMAILER, json.dumps(config),
+        out, err, code = await run_apart(self.node, script, NODEMAILER, json.dumps(config),
                                    path=self.folder)
         self.assertEqual(code, 0, out + err)
         result = json.loads(next(line for line in out.splitlines()
@@ -199,7 +173,7 @@ class Nodemailer(CompatTestCase):
         self.assertEqual(result["rejected"], [])
         # info.response is the DATA reply: its last token is the send's id.
         self.assertRegex(result["response"], QUEUED)
-        await self.stored(role, queued_id(result["response"]))
+        await self.stored(role, queued_id(result["response"], SEND_ID))
 
     async def test_starttls(self) -> None:
         """secure: false, requireTLS: true on the submission port."""
@@ -275,7 +249,7 @@ class PHPMailer(CompatTestCase):
                   "ca": str(self.relay.ca_file), "user": USER, "pass": PASSWORD,
                   "name": display_name(self.client), "from": SENDER, "to": RECIPIENT,
                   "subject": SUBJECT, "text": TEXT, "tag": f"compat,{self.client}"}
-        out, err, code = await run(self.php, script, PHPMAILER, json.dumps(config),
+        out, err, code = await run_apart(self.php, script, PHPMAILER, json.dumps(config),
                                    path=self.folder)
         self.assertEqual(code, 0, out + err)
         self.assertIn("SENT true", out, out + err)
@@ -284,7 +258,7 @@ class PHPMailer(CompatTestCase):
         self.assertTrue(result["sent"], out + err)
         # PHPMailer reads the id from the 250 reply (its "postfix" pattern).
         self.assertRegex(err, QUEUED)
-        self.assertEqual(result["id"], queued_id(err))
+        self.assertEqual(result["id"], queued_id(err, SEND_ID))
         await self.stored(role, result["id"])
 
     async def test_starttls(self) -> None:
@@ -322,7 +296,7 @@ class Msmtp(CompatTestCase):
 
     async def send(self, role: str) -> None:
         log = self.folder / "msmtp.log"
-        out, err, code = await run(
+        out, err, code = await run_apart(
             self.msmtp, "--host=127.0.0.1", f"--port={self.relay.ports[role]}",
             "--tls=on", f"--tls-starttls={'off' if ROLES[role] else 'on'}",
             f"--tls-trust-file={self.relay.ca_file}", "--domain=client.test",
@@ -333,7 +307,7 @@ class Msmtp(CompatTestCase):
         self.assertEqual(code, 0, out + err + logged)
         self.assertIn("exitcode=EX_OK", logged)
         self.assertIn("smtpstatus=250", logged)
-        _, raw, _ = await self.stored(role, queued_id(logged))
+        _, raw, _ = await self.stored(role, queued_id(logged, SEND_ID))
         # The display name, quoted as the script wrote it, byte for byte.
         self.assertIn(f'\r\nFrom: "{display_name(self.client)}" <{SENDER}>\r\n'.encode(), raw)
 
@@ -394,7 +368,7 @@ class Smtplib(CompatTestCase):
             replies.append(reply)
             return reply
 
-        client.data = recording_data  # type: ignore[method-assign]
+        client.data = recording_data  # type: ignore[assignment]
         try:
             if not ROLES[role]:
                 client.starttls(context=context)
@@ -416,7 +390,7 @@ class Smtplib(CompatTestCase):
         code, reply = await in_thread(self.send_blocking, role, msg)
         self.assertEqual(code, 250, reply)
         self.assertEqual(wire, msg.as_bytes(policy=msg.policy.clone(linesep="\r\n")))
-        one, raw, stored = await self.stored(role, queued_id(f"{code} {reply.decode()}"))
+        one, raw, stored = await self.stored(role, queued_id(f"{code} {reply.decode()}", SEND_ID))
 
         head, _, body = wire.partition(b"\r\n\r\n")
         stored_head, _, stored_body = raw.partition(b"\r\n\r\n")

@@ -37,18 +37,17 @@ from zope.interface.verify import verifyObject
 from mxmrelay import forwarder
 from mxmrelay.forwarder import SMALL_BODY, MultipartProducer, PartsProducer
 from mxmrelay.spool import MAX_HEADER_SECTION
-from tests.support import RelayUnderTest, fetch_bytes, in_thread
-from tests.test_forwarding import (
-    QUEUED,
+from tests.forwarding_support import (
     TIMED_OUT,
     Ledger,
     Server,
-    queued_id,
     reference_api,
     relay_to,
     session,
     transact,
 )
+from tests.helpers import QUEUED, queued_id
+from tests.support import RelayUnderTest, fetch_bytes, in_thread
 
 #: Where a TCP transport pauses its producer.
 TRANSPORT_BUFFER = FileDescriptor.bufferSize
@@ -594,7 +593,8 @@ class Sizes(unittest.TestCase):
         ledger.reply(after)
         for (head, size, sent), reply in zip(cases, replies, strict=True):
             self.assertTrue(reply.startswith(QUEUED), (head, size, reply))
-            stored = await fetch_bytes(f"{api.url}/{queued_id(ledger.reply(reply))}/message")
+            send_id = queued_id(ledger.reply(reply), alone=True)
+            stored = await fetch_bytes(f"{api.url}/{send_id}/message")
             assert_stored(self, stored, sent, (head, size))
         await ledger.check()
 
@@ -712,7 +712,7 @@ class SlowReader(unittest.TestCase):
 
         reply = ledger.reply(await in_thread(talk))
         self.assertTrue(reply.startswith(QUEUED), reply)
-        stored = await fetch_bytes(f"{api.url}/{queued_id(reply)}/message")
+        stored = await fetch_bytes(f"{api.url}/{queued_id(reply, alone=True)}/message")
         assert_stored(self, stored, sent, "slow")
         await ledger.check()
         # Paused inside the header section's write, and again while the
@@ -750,7 +750,7 @@ class SlowReader(unittest.TestCase):
         timed_out, queued = await in_thread(talk)
         self.assertEqual(ledger.reply(timed_out), TIMED_OUT)
         self.assertTrue(ledger.reply(queued).startswith(QUEUED), queued)
-        stored = await fetch_bytes(f"{api.url}/{queued_id(queued)}/message")
+        stored = await fetch_bytes(f"{api.url}/{queued_id(queued, alone=True)}/message")
         assert_stored(self, stored, second, "after the timeout")
         await ledger.check()
         # Stopped once, mid-file, after a pause there.

@@ -23,10 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
+from tests.rules_support import MAIL_FROM, RECEIVED, Case, fields, name_of, rules
 from tests.support import RelayUnderTest, fetch_bytes, in_thread
-from tests.test_rules import RECEIVED, Case, fields, name_of, rules
 
-MAIL_FROM = "mailfrom@example.com"
 RCPTS = ("rcpt@example.org", "other@example.org")
 VICTIM = b"ceo@victim.example"
 REMOVED = {b"cc", b"bcc", b"x-mxm-flags", b"x-mxm-tag", b"return-path"}

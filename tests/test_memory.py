@@ -15,15 +15,13 @@ import os
 import sys
 import types
 import weakref
-from typing import Any
 
-from twisted.internet import reactor
-from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 import mxmrelay
 from mxmrelay.smtp import SMTPServer
+from tests.helpers import until
 from tests.support import RawClient, RelayUnderTest, in_thread
 
 #: Commands that each end in a refusal raised as an exception.
@@ -39,15 +37,6 @@ REFUSED_IN_TRANSACTION = [
 
 def _connections(relay: RelayUnderTest) -> list[SMTPServer]:
     return [c for f in relay.relay.factories for c in f.connections]
-
-
-async def _until(predicate: Any, what: str, timeout: float = 10.0) -> None:
-    """Poll ``predicate`` on the reactor until it holds, or fail."""
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await deferLater(reactor, 0.01)
 
 
 def _refuse(c: RawClient, times: int = 1) -> list[str]:
@@ -93,7 +82,7 @@ class Refusals(unittest.TestCase):
         ref = weakref.ref(server)
         del server
         await in_thread(c.close)
-        await _until(lambda: not _connections(relay), "the connection to close")
+        await until(lambda: not _connections(relay), "the connection to close", 10.0, 0.01)
         gc.collect()
         self.assertIsNone(ref(), "the closed connection's protocol is still referenced")
 
@@ -106,11 +95,11 @@ class Refusals(unittest.TestCase):
             c.close()
 
         await in_thread(one)
-        await _until(lambda: not _connections(relay), "the connections to close")
+        await until(lambda: not _connections(relay), "the connections to close", 10.0, 0.01)
         before = _live_servers()
         for _ in range(10):
             await in_thread(one)
-        await _until(lambda: not _connections(relay), "the connections to close")
+        await until(lambda: not _connections(relay), "the connections to close", 10.0, 0.01)
         self.assertLessEqual(_live_servers(), before)
         self.assertEqual(_live_servers(), 0)
 
@@ -153,13 +142,13 @@ class Refusals(unittest.TestCase):
             c.close()
 
         await in_thread(one, 5)  # warm up: TLS, the login cache, imports
-        await _until(lambda: not _connections(relay), "the connections to close")
+        await until(lambda: not _connections(relay), "the connections to close", 10.0, 0.01)
         gc.collect()
         start = _rss_kib()
         per_connection = 25  # 4 refusals each: 100 commands a connection
         for _ in range(100):
             await in_thread(one, per_connection)
-        await _until(lambda: not _connections(relay), "the connections to close")
+        await until(lambda: not _connections(relay), "the connections to close", 10.0, 0.01)
         gc.collect()
         end = _rss_kib()
         sys.stderr.write(f"\nRSS over 10,000 refused commands on 100 connections: "

@@ -131,7 +131,7 @@ class MetadataAgrees(unittest.SynchronousTestCase):
         self.schema = self.spec.resolve({"$ref": "#/components/schemas/SendMetadata"})
 
     def agree(self, doc: dict[str, Any], where: str) -> bool:
-        expected = self.oracle.is_valid(doc)
+        expected: bool = self.oracle.is_valid(doc)
         self.assertEqual(accepts_metadata(doc), expected,
                          f"{where}: the document says {'valid' if expected else 'invalid'}")
         return expected

@@ -94,7 +94,7 @@ class Parameters(unittest.TestCase):
             ((("to", "a@example.org\x00"),), "to"),
             ((("to", "a@" + "x" * 400),), "to"),
             ((("to", "a@x"), ("to", "b@x")), "to"),
-            ((("tag", str(i)) for i in range(51)), "tag"),  # type: ignore[misc]
+            (tuple(("tag", str(i)) for i in range(51)), "tag"),
             ((("befor", "x"),), "befor"),
         ]
         for pairs, name in bad:

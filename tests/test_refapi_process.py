@@ -9,8 +9,9 @@ import socket
 
 from twisted.trial import unittest
 
+from tests.helpers import TWISTD, folder_for, free_ports, write
+from tests.process_support import Twistd, refapi_config
 from tests.support import fetch_json
-from tests.test_clients import TWISTD, Twistd, folder_for, free_ports, reference_api, write
 
 
 class RefAPIProcess(unittest.TestCase):
@@ -23,7 +24,7 @@ class RefAPIProcess(unittest.TestCase):
     async def test_serves_and_stops(self) -> None:
         folder = folder_for(self)
         port, = free_ports(1)
-        proc = Twistd(self, write(folder, "refapi.toml", reference_api(folder, port)),
+        proc = Twistd(self, write(folder, "refapi.toml", refapi_config(folder, port)),
                       plugin="mxmrelay-refapi")
         await proc.listening(port)
         self.assertEqual(await fetch_json(f"http://127.0.0.1:{port}/v1/sends"),
@@ -37,7 +38,7 @@ class RefAPIProcess(unittest.TestCase):
         self.addCleanup(taken.close)
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
-        good = reference_api(folder, 0)
+        good = refapi_config(folder, 0)
         cases = [
             ({**good, "tokn": "x"}, ["tokn: unknown key (did you mean 'token'?)"]),
             ({"endpoint": good["endpoint"], "database": good["database"]},

@@ -21,7 +21,9 @@ class Routing(SynchronousTestCase):
     def setUp(self) -> None:
         db = Database.inline()
         self.addCleanup(db.close)
-        self.treq = StubTreq(Routes(db=db, token=TOKEN.encode(), max_body=64 * 1024).resource())
+        # StubTreq sets treq's functions up at run time: no annotation names them.
+        self.treq: Any = StubTreq(Routes(db=db, token=TOKEN.encode(),
+                                         max_body=64 * 1024).resource())
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 **headers: str | bytes) -> tuple[int, dict[str, str], bytes]:

@@ -24,6 +24,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from mxmrelay_refapi.api import ReferenceAPI
+from tests.helpers import listen
 
 CHROMIUM = "/usr/bin/chromium"
 #: Seconds for one page; Chromium normally needs one or two.
@@ -161,9 +162,9 @@ class ReportsInChromium(unittest.TestCase):
         self.folder = folder
         self.api = ReferenceAPI.open(folder / "sends.sqlite3", TOKEN, reactor=reactor)
         self.addCleanup(self.api.close)
-        port = reactor.listenTCP(0, self.api.site(), interface="127.0.0.1")
+        port, number = listen(self.api.site())
         self.addCleanup(port.stopListening)
-        self.url = f"http://127.0.0.1:{port.getHost().port}"
+        self.url = f"http://127.0.0.1:{number}"
 
     async def store(self, send_id: str, tags: list[str], flags: int, msg: bytes) -> None:
         http = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
@@ -252,12 +253,12 @@ class ReportsInChromium(unittest.TestCase):
 
         rows = paged.root.find_all("tr", class_="send")
         self.assertEqual([r.attrs["id"] for r in rows], ["send-newer"])
-        links = {
+        hrefs = {
             a.attrs["id"]: a.attrs["href"] for a in paged.root.find_all("a") if "id" in a.attrs
         }
-        self.assertEqual(links["older"], "/?limit=1&before=newer")
-        self.assertEqual(links["newer"], "/?limit=1&after=newer")
-        self.assertEqual(links["newest"], "/?limit=1")
+        self.assertEqual(hrefs["older"], "/?limit=1&before=newer")
+        self.assertEqual(hrefs["newer"], "/?limit=1&after=newer")
+        self.assertEqual(hrefs["newest"], "/?limit=1")
 
         rows = filtered.root.find_all("tr", class_="send")
         self.assertEqual([r.attrs["id"] for r in rows], ["send-newer", "send-older"])

@@ -6,11 +6,13 @@ from __future__ import annotations
 import base64
 import ssl
 
-from twisted.internet.defer import fail
-from twisted.logger import globalLogPublisher
+from twisted.internet.defer import Deferred, fail
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.trial import unittest
+from zope.interface import implementer, provider
 
-from mxmrelay.directory import DirectoryError
+from mxmrelay.auth import DirectoryChecker
+from mxmrelay.directory import DirectoryError, IDirectory, User
 from tests.support import RawClient, RelayUnderTest, in_thread
 
 
@@ -227,7 +229,8 @@ class Authentication(unittest.TestCase):
 
         messages: list[str] = []
 
-        def observe(event: dict) -> None:  # type: ignore[type-arg]
+        @provider(ILogObserver)
+        def observe(event: LogEvent) -> None:
             fmt = event.get("log_format") or ""
             if fmt.startswith("auth failure"):
                 messages.append(fmt.format(**event))
@@ -274,12 +277,14 @@ class Authentication(unittest.TestCase):
     async def test_directory_down(self) -> None:
         relay = RelayUnderTest(self)
 
+        @implementer(IDirectory)
         class Down:
-            def find_user(self, email: str) -> object:
+            def find_user(self, email: str) -> Deferred[User | None]:
                 return fail(DirectoryError("backend down"))
 
-        checker = relay.relay.settings.portal.checkers[  # type: ignore[attr-defined]
+        checker = relay.relay.settings.portal.checkers[
             next(iter(relay.relay.settings.portal.checkers))]
+        assert isinstance(checker, DirectoryChecker)
         checker.directory = Down()
 
         def talk() -> str:
@@ -537,7 +542,8 @@ class LogSafety(unittest.TestCase):
         relay = RelayUnderTest(self)
         lines: list[str] = []
 
-        def observe(event: dict) -> None:  # type: ignore[type-arg]
+        @provider(ILogObserver)
+        def observe(event: LogEvent) -> None:
             lines.append(formatEvent(event))
 
         globalLogPublisher.addObserver(observe)

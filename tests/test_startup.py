@@ -25,16 +25,8 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from tests.test_check import good_config, toml
-
-ROOT = Path(__file__).resolve().parent.parent
-TWISTD = Path(sys.executable).parent / "twistd"
-
-
-def child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
-    env["PYTHONPATH"] = str(ROOT)
-    return env
+from tests.helpers import ROOT, TWISTD, child_env, toml
+from tests.test_check import good_config
 
 
 class _Process(ProcessProtocol):

@@ -4,6 +4,7 @@ envelope syntax, SASL, password hashes, limits, timeouts (on a Clock)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -43,7 +44,7 @@ class Configuration(SynchronousTestCase):
     def test_errors_name_the_key(self) -> None:
         folder = self.folder()
         good = config_dict(folder, "https://api.test/v1/sends")
-        cases = [
+        cases: list[tuple[dict[str, Any], str]] = [
             ({"listener": [{"role": "pop3", "endpoint": "tcp:1"}]}, "listener[0].role"),
             ({"bounce_address": "bounce@x"}, "bounce_address"),
             ({"delivery_api": {"url": "ftp://x", "token": "t"}}, "delivery_api.url"),
@@ -67,7 +68,7 @@ class Configuration(SynchronousTestCase):
     def test_directory_errors(self) -> None:
         customer = {"id": "c", "domains": ["example.com"], "flags": 1}
         user = {"email": "u@example.com", "password": hash_password("x", n=2), "customer": "c"}
-        cases = [
+        cases: list[tuple[dict[str, Any], str]] = [
             ({"customer": [{**customer, "flags": 16}], "user": []}, "customer[0].flags"),
             ({"customer": [{**customer, "domains": []}], "user": []}, "customer[0].domains"),
             ({"customer": [customer], "user": [{**user, "customer": "zz"}]}, "user[0].customer"),

@@ -12,8 +12,6 @@ import os
 import re
 import signal
 import smtplib
-import socket
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +22,8 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
+from tests.helpers import ROOT, TWISTD, free_ports
 from tests.support import in_thread, make_certificate
-
-ROOT = Path(__file__).resolve().parent.parent
-TWISTD = Path(sys.executable).parent / "twistd"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Output(ProcessProtocol):
@@ -64,7 +53,7 @@ class Workers(unittest.TestCase):
         folder = Path(self.mktemp()).resolve()
         folder.mkdir(parents=True)
         cert, key = make_certificate(folder / "tls")
-        self.port, api = free_port(), free_port()
+        self.port, api = free_ports(2)
         auth_lines = "".join(f"{k} = {v}\n" for k, v in auth.items())
         config = folder / "relay.toml"
         config.write_text(f"""
