@@ -179,6 +179,9 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
         description="Check the relay's configuration and what it points to; bind nothing.")
     parser.add_argument("--config", "-c", default="/etc/mxmrelay/mxmrelay.toml",
                         help="the relay's TOML configuration file")
+    parser.add_argument("--reload", type=int, metavar="PID",
+                        help="then, if nothing is wrong, ask the relay running as PID to "
+                             "reload (SIGHUP): what `systemctl reload mxmrelay` runs")
     args = parser.parse_args(argv)
     out = sys.stdout if out is None else out
     from twisted.internet import reactor
@@ -191,6 +194,10 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     if report.errors:
         return 1
     print("ok", file=out)
+    if args.reload is not None:
+        from mxmrelay.reload import ask_to_reload
+
+        return ask_to_reload(args.reload, out)
     return 0
 
 

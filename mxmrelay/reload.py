@@ -22,10 +22,11 @@ limits, the paths themselves) is read at start only.
 from __future__ import annotations
 
 import datetime
+import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
@@ -155,3 +156,21 @@ class OnSignal(Service):
         if self._installed:
             signal.signal(self.signum, self._previous or signal.SIG_DFL)
             self._installed = False
+
+
+def ask_to_reload(pid: int, out: TextIO) -> int:
+    """``mxmrelay-check --reload PID``, once the files passed the check:
+    SIGHUP to the relay (to the supervisor, with ``workers = N``).  The
+    exit status says whether the signal was delivered; the relay logs how
+    the reload went."""
+    if pid <= 1:
+        # 0 and -1 would signal whole process groups; 1 is init.
+        print(f"mxmrelay-check: --reload {pid}: not a relay's process id", file=out)
+        return 2
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as e:
+        print(f"mxmrelay-check: --reload {pid}: {e.strerror}", file=out)
+        return 1
+    print(f"reload asked of process {pid}", file=out)
+    return 0

@@ -276,6 +276,44 @@ class DirectoryReload(unittest.TestCase):
         self.assertEqual(await in_thread(relay.login, "demo@example.com", "demo-password"), "535")
 
 
+class SystemctlReload(unittest.TestCase):
+    """``ExecReload=mxmrelay-check --config FILE --reload $MAINPID``."""
+
+    timeout = 120
+
+    async def check_and_reload(self, relay: RelayProcess) -> tuple[str, int]:
+        from twisted.internet.utils import getProcessOutputAndValue
+
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ["-m", "mxmrelay.check", "--config", str(relay.config),
+                             "--reload", str(relay.process.pid)], env=env, path=str(ROOT))
+        return (out + err).decode(), code
+
+    async def test_the_check_then_the_signal(self) -> None:
+        relay = RelayProcess(self, {"demo@example.com": "old-password"})
+        await relay.started()
+        replace(relay.directory, directory_toml({"demo@example.com": "new-password"}))
+        output, code = await self.check_and_reload(relay)
+        self.assertEqual((output, code), (f"ok\nreload asked of process {relay.process.pid}\n", 0))
+        await relay.until(lambda: "reload ok: directory" in relay.out.text)
+        self.assertEqual(await in_thread(relay.login, "demo@example.com", "new-password"), "235")
+        # A broken file fails the reload with the check's reasons, and the
+        # relay is not even asked...
+        replace(relay.directory, "nonsense = [")
+        output, code = await self.check_and_reload(relay)
+        self.assertEqual(code, 1)
+        self.assertIn(f"{relay.config}: directory: {relay.directory}: not valid TOML", output)
+        # ...as the next good reload shows: its line is the only new one.
+        replace(relay.directory, directory_toml({"demo@example.com": "third-password"}))
+        output, code = await self.check_and_reload(relay)
+        self.assertEqual(code, 0, output)
+        await relay.until(lambda: relay.out.text.count("reload ok: directory") == 2)
+        self.assertNotIn("reload failed", relay.out.text)
+        self.assertEqual(await in_thread(relay.login, "demo@example.com", "third-password"),
+                         "235")
+
+
 class CertificateReload(unittest.TestCase):
     timeout = 120
 

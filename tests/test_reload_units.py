@@ -8,6 +8,7 @@ clock is a :class:`~twisted.internet.task.Clock`.
 from __future__ import annotations
 
 import datetime
+import io
 import os
 import signal
 from pathlib import Path
@@ -25,7 +26,7 @@ from mxmrelay.auth import CredentialCache, DirectoryChecker
 from mxmrelay.check import check
 from mxmrelay.config import Config
 from mxmrelay.directory import CustomerSpace, TomlDirectory, User
-from mxmrelay.reload import OnSignal, ReloadableDirectory, Reloader
+from mxmrelay.reload import OnSignal, ReloadableDirectory, Reloader, ask_to_reload
 from mxmrelay.tls import ReloadableTLS, server_context
 from mxmrelay.worker import WorkerControl
 from mxmrelay.workers import Supervisor, SupervisorControl
@@ -271,3 +272,18 @@ class Signal(unittest.TestCase):
         finally:
             service.stopService()
         self.assertEqual(signal.getsignal(signal.SIGHUP), before)
+
+
+class AskToReload(unittest.TestCase):
+    def test_never_a_process_group(self) -> None:
+        for pid in (0, -1, 1):
+            out = io.StringIO()
+            self.assertEqual(ask_to_reload(pid, out), 2)
+            self.assertEqual(out.getvalue(), f"mxmrelay-check: --reload {pid}: "
+                             "not a relay's process id\n")
+
+    def test_no_such_process(self) -> None:
+        beyond = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
+        out = io.StringIO()
+        self.assertEqual(ask_to_reload(beyond, out), 1)
+        self.assertEqual(out.getvalue(), f"mxmrelay-check: --reload {beyond}: No such process\n")
