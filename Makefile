@@ -49,7 +49,9 @@ NODEMAILER := var/node/node_modules/nodemailer
 # smtp (25 role), submission (587 role) and smtps (465 role) listeners and
 # the reference delivery API, in that order (the defaults are
 # 2525,2587,2465,8025).  The copies are written under var/, one pair per
-# set of ports, so two of them on one checkout do not clash.
+# set of ports, so two of them on one checkout do not clash.  A fifth port
+# moves the metrics listener (9125) too; with four it stays, so a second
+# copy running at the same time needs the fifth.
 PORTS ?=
 comma := ,
 PORTS_TAG := $(subst $(comma),-,$(PORTS))
@@ -168,13 +170,17 @@ config = tomllib.loads(relay.read_text())
 roles = {listener["role"]: port(listener["endpoint"]) for listener in config["listener"]}
 api = port(tomllib.loads(refapi.read_text())["endpoint"])
 old = [roles["smtp"], roles["submission"], roles["smtps"], api]
+if "metrics" in config:
+    old.append(port(config["metrics"]["endpoint"]))
 try:
     new = [int(p) for p in ports.split(",")]
-    if len(new) != 4 or len(set(new)) != 4 or not all(0 < p < 65536 for p in new):
+    if len(new) not in (4, len(old)) or len(set(new)) != len(new) or not all(
+            0 < p < 65536 for p in new):
         raise ValueError
 except ValueError:
-    sys.exit(f"PORTS={ports}: want four different ports: smtp,submission,smtps,api")
-ports_of = dict(zip(old, new, strict=True))
+    sys.exit(f"PORTS={ports}: want four different ports: smtp,submission,smtps,api "
+             "(and a fifth, for metrics, if you like)")
+ports_of = dict(zip(old[:len(new)], new, strict=True))
 def swap(m):
     return m.group(1) + str(ports_of.get(int(m.group(2)), m.group(2)))
 def absolute(source):

@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThread
 from zope.interface import implementer
 
-from mxmrelay import hashes
+from mxmrelay import hashes, metrics
 from mxmrelay.directory import IDirectory, User
 from mxmrelay.hashes import hash_password as hash_password  # mxmrelay-passwd's
 from mxmrelay.reply import Reply
@@ -66,7 +66,12 @@ class DirectoryChecker:
             username = username.decode("utf-8")
         if isinstance(password, bytes):
             password = password.decode("utf-8")
-        user = await self.directory.find_user(username)
+        try:
+            user = await self.directory.find_user(username)
+        except Exception:
+            metrics.directory_lookup("error")
+            raise
+        metrics.directory_lookup("not_found" if user is None else "found")
         encoded = user.password_hash if user is not None else None
         if user is not None and self.cache is not None and self.cache.hit(user, password):
             return user

@@ -73,6 +73,11 @@ def check(path: Path, reactor: Any, *, activated: bool = False,
         if ok(key):
             _endpoint(report, where, f"{key}.endpoint", description, reactor, activated,
                       config.workers > 1)
+    if config.metrics is not None and ok("metrics"):
+        # Bound by the one process that serves it (the supervisor with
+        # workers): any endpoint will do.
+        _endpoint(report, where, "metrics.endpoint", config.metrics.endpoint, reactor,
+                  activated, False)
     if config.listeners and ok("tls"):
         check_tls(report, where, config.tls.certificate, config.tls.private_key,
                   now or datetime.datetime.now(datetime.UTC))

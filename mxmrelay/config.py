@@ -20,7 +20,7 @@ from typing import Any
 
 import attrs
 
-from mxmrelay import limits_keys
+from mxmrelay import limits_keys, opsconfig
 from mxmrelay.limits import Limits
 
 ROLES = ("smtp", "submission", "smtps")
@@ -31,7 +31,8 @@ role (both plain, then STARTTLS, which is required), ``smtps`` the 465 role
 #: The keys of each table; anything else is refused (see :func:`unknown_keys`).
 TOP_KEYS = ("hostname", "directory", "bounce_address", "max_message_size", "max_recipients",
             "idle_timeout", "max_connections_per_address", "spool_memory", "workers",
-            "tls", "listener", "delivery_api", "auth", "limits", "state")
+            "tls", "listener", "delivery_api", "auth", "metrics", "log_format",
+            "limits", "state")
 TLS_KEYS = ("certificate", "private_key")
 LISTENER_KEYS = ("role", "endpoint")
 DELIVERY_KEYS = ("url", "token", "timeout", "ca_file")
@@ -177,6 +178,10 @@ class Config:
     workers: int = 1
     #: The file it was read from, as given: start-up errors name it.
     source: str = "config"
+    #: ``[metrics]``: the operator's listener; None: none.
+    metrics: opsconfig.MetricsConfig | None = None
+    #: ``text`` (the default) or ``json`` (one object a line).
+    log_format: str = "text"
     #: ``[limits]``: the sending limits' defaults (each space may override them).
     limits: Limits = attrs.Factory(Limits)
     #: ``[state]``: where the limits' and AUTH failures' counters live.
@@ -266,6 +271,8 @@ def _parse(r: _Reader) -> Config:
         spool_memory=r.integer("spool_memory", 512 * 1024, low=1),
         workers=r.workers(),
         source=r.where,
+        metrics=opsconfig.metrics(r),
+        log_format=opsconfig.log_format(r),
         limits=limits_keys.limits(r),
         state=limits_keys.state(r),
     )

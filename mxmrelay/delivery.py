@@ -20,9 +20,10 @@ import attrs
 from twisted.cred.portal import IRealm
 from twisted.internet.defer import Deferred, fail
 from twisted.mail.smtp import IMessageDelivery
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mxmrelay import rules
+from mxmrelay import metrics, rules
 from mxmrelay.connection import ConnectionInfo
 from mxmrelay.datareader import IBulkMessage
 from mxmrelay.directory import User
@@ -208,13 +209,23 @@ class RelayMessage:
 
     def eomReceived(self) -> Deferred[str]:
         """Rule the message, then forward it; fires with the API's id."""
+        space = self.delivery.user.customer.id
         try:
             d = self._send()
-        except Reply:
+        except Reply as reply:
+            metrics.send_result(space, reply.code)
             self.spool.close()
             return fail()
         d.addBoth(self._closed)
+        d.addBoth(self._counted, space)
         return d
+
+    @staticmethod
+    def _counted(result: Any, space: str) -> Any:
+        code = 250 if not isinstance(result, Failure) else (
+            result.value.code if isinstance(result.value, Reply) else 451)
+        metrics.send_result(space, code)
+        return result
 
     def _closed(self, result: Any) -> Any:
         self.spool.close()

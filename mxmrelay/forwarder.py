@@ -28,6 +28,7 @@ from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.internet.task import CooperativeTask
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import (
     HTTPConnectionPool,
     ResponseFailed,
@@ -37,6 +38,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
+from mxmrelay import metrics
 from mxmrelay.httpclient import make_client
 from mxmrelay.reply import Reply
 
@@ -236,17 +238,46 @@ class Forwarder:
                 body: IO[bytes]) -> Deferred[str]:
         """Send one message; fire with the id the API holds it under, or
         fail with the :class:`Reply` to give the client."""
+        metrics.SENDS_IN_FLIGHT.inc()
+        started = self.reactor.seconds()
         d = Deferred.fromCoroutine(self._post(metadata, idempotency_key, head, body))
         # Called only when the deadline fired, whatever the cancellation
         # failed with: once a request is sent, Agent reports a cancel as
         # ResponseNeverReceived, not CancelledError.
         d.addTimeout(self.timeout, self.reactor, onTimeoutCancel=self._timed_out)
         d.addErrback(self._network_failure)
+        d.addBoth(self._answered, started)
         return d
+
+    def _answered(self, result: Any, started: float) -> Any:
+        metrics.SENDS_IN_FLIGHT.dec()
+        metrics.API_DURATION.observe(self.reactor.seconds() - started)
+        return result
+
+    def probe(self) -> Deferred[str | None]:
+        """Is the API there, and does it take our token?  ``HEAD`` on its
+        URL: None if it answers below 500 and not 401/403, else why not
+        (see mxmrelay/health.py)."""
+        d = self._client.head(self._parsed_url, headers=self._headers, allow_redirects=False)
+        d.addTimeout(self.timeout, self.reactor)
+
+        def answered(response: Any) -> str | None:
+            code = response.code
+            if code in (401, 403):
+                return f"delivery API rejects the relay's token ({code})"
+            return f"delivery API answered {code}" if code >= 500 else None
+
+        def failed(f: Failure) -> str:
+            if f.check(TimeoutError, CancelledError):
+                return f"delivery API did not answer within {self.timeout:g} s"
+            return f"delivery API unreachable: {f.getErrorMessage()}"
+
+        return d.addCallbacks(answered, failed)
 
     @staticmethod
     def _timed_out(result: Any, timeout: float) -> Any:
         log.warn("delivery API timed out after {timeout}s", timeout=timeout)
+        metrics.api_failed("timeout")
         raise Reply(451, "4.4.2", "Delivery API timed out, try again later")
 
     async def _post(self, metadata: Mapping[str, Any], key: str, head: bytes,
@@ -261,6 +292,7 @@ class Forwarder:
         return self._outcome(response.code, content, metadata)
 
     def _outcome(self, code: int, content: bytes, metadata: Mapping[str, Any]) -> str:
+        metrics.api_answered(code)
         if 200 <= code < 300:
             try:
                 send_id = json.loads(content)["id"]
@@ -296,13 +328,17 @@ class Forwarder:
             return failure
         if failure.check(TimeoutError, CancelledError):
             log.warn("delivery API timed out")
+            metrics.api_failed("timeout")
             raise Reply(451, "4.4.2", "Delivery API timed out, try again later")
         if failure.check(ConnectError, DNSLookupError):
             log.warn("delivery API unreachable: {error}", error=failure.getErrorMessage())
+            metrics.api_failed("unreachable")
             raise Reply(451, "4.4.1", "Delivery API unreachable, try again later")
         if failure.check(ResponseFailed, ResponseNeverReceived):
             reasons = failure.value.reasons
-            if any(r.check(SSL.Error) for r in reasons):
+            tls = any(r.check(SSL.Error) for r in reasons)
+            metrics.api_failed("tls_error" if tls else "connection_failed")
+            if tls:
                 # The API's certificate did not verify: the operator's to fix.
                 log.error("TLS to the delivery API failed: {error}",
                           error="; ".join(r.getErrorMessage() for r in reasons))
@@ -311,6 +347,7 @@ class Forwarder:
                      error="; ".join(r.getErrorMessage() for r in reasons))
             raise Reply(451, "4.4.2", "Connection to delivery API failed, try again later")
         log.failure("delivery API call failed", failure)
+        metrics.api_failed("connection_failed")
         raise Reply(451, "4.4.2", "Connection to delivery API failed, try again later")
 
 

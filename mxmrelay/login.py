@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.mail.smtp import IMessageDelivery
 from twisted.python.failure import Failure
 
-from mxmrelay import auth
+from mxmrelay import auth, metrics
 from mxmrelay.actions import CLOSE, Step, answer, say, say_raw
 from mxmrelay.connection import ConnectionInfo, Settings
 from mxmrelay.directory import DirectoryError
@@ -63,6 +63,7 @@ class Login:
             raise Reply(504, "5.5.4", "Unrecognized authentication type")
         if self.settings.address_limiter.blocked(self.info.network):
             log.warn("auth rate limited rhost={client}", client=self.info.client)
+            metrics.auth_blocked("address")
             raise Reply(454, "4.7.0", "Temporary authentication failure")
         initial = initial.strip()
         if mechanism == "PLAIN":
@@ -108,6 +109,7 @@ class Login:
         if self.settings.user_limiter.blocked(username.lower()):
             log.warn("auth rate limited rhost={client} user={user}", client=client,
                      user=printable(username))
+            metrics.auth_blocked("user")
             raise Reply(454, "4.7.0", "Temporary authentication failure")
         creds = UsernamePassword(username.encode("utf-8"), password.encode("utf-8"))
         d = self.settings.portal.login(creds, self.info, IMessageDelivery)
@@ -115,12 +117,14 @@ class Login:
         def done(result: tuple[Any, Any, Callable[[], None]]) -> Step:
             _, self.avatar, self._logout = result
             self.info.user = username
+            metrics.auth_attempt("success")
             log.info("auth ok client={client} user={user}", client=client,
                      user=printable(username))
             return say(Reply(235, "2.7.0", "Authentication successful"))
 
         def failed(f: Failure) -> Step:
             if f.check(UnauthorizedLogin):
+                metrics.auth_attempt("failure")
                 self._failures += 1
                 self.settings.address_limiter.record(self.info.network)
                 self.settings.user_limiter.record(username.lower())
@@ -130,16 +134,16 @@ class Login:
                 if self._failures >= self.settings.max_auth_failures:
                     return say(Reply(421, "4.7.0", "Too many authentication failures"), CLOSE)
                 return say(Reply(535, "5.7.8", "Authentication credentials invalid"))
-            if not f.check(DirectoryError):
-                log.failure("auth error client={client}", f, client=client)
-            return say(Reply(454, "4.7.0", "Temporary authentication failure"))
-
             if isinstance(f.value, Reply):
                 # A sending limit refused the login after its password
                 # passed (logged there): 535 from outside allowed_networks,
                 # 421 past the user's sessions (then goodbye).
                 return say(f.value, CLOSE if f.value.code == 421 else None)
             metrics.auth_attempt("error")
+            if not f.check(DirectoryError):
+                log.failure("auth error client={client}", f, client=client)
+            return say(Reply(454, "4.7.0", "Temporary authentication failure"))
+
         return answer(d, done, failed)
 
 

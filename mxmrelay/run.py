@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from twisted.application.service import IService, MultiService
+from twisted.python.components import Componentized
 
 from mxmrelay.config import ConfigError
 from mxmrelay.directory import InvalidDirectory
@@ -49,7 +50,7 @@ def service_from_options(config_path: str) -> IService:
     except OSError as e:
         # The supervisor of workers = N binds its listeners as it is built.
         _fail(f"{config_path}: listener: {e.strerror or e}")
-    return _OneLine(top)
+    return _OneLine(top, config.log_format)
 
 
 class _OneLine(MultiService):
@@ -60,9 +61,22 @@ class _OneLine(MultiService):
     :class:`~mxmrelay.service.InOrder`), so the process can simply exit.
     """
 
-    def __init__(self, service: IService) -> None:
+    def __init__(self, service: IService, log_format: str = "text") -> None:
         super().__init__()
+        self.log_format = log_format
         service.setServiceParent(self)
+
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd logs through the application's ILogObserver when it has
+        # one (set before twistd starts logging): the JSON format, to the
+        # standard output of now (later it is redirected into the log).
+        if self.log_format == "json" and isinstance(parent, Componentized):
+            from twisted.logger import ILogObserver
+
+            from mxmrelay.logs import json_observer
+
+            parent.setComponent(ILogObserver, json_observer(sys.stdout))
+        super().setServiceParent(parent)
 
     def privilegedStartService(self) -> None:
         try:

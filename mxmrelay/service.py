@@ -17,6 +17,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from mxmrelay import health
 from mxmrelay import limiter as limits
 from mxmrelay.auth import CredentialCache, DirectoryChecker
 from mxmrelay.config import Config
@@ -150,6 +151,9 @@ def make_service(config: Config, reactor: Any, directory: IDirectory | None = No
     added = list(top)[-len(config.listeners):]
     for i, (listener, service) in enumerate(zip(config.listeners, added, strict=True)):
         top.labels[service] = f"listener[{i}] {listener.endpoint}"
+    health.add_serving(top)
+    if config.metrics is not None:
+        health.add_listener(config, reactor, top)
     return top
 
 

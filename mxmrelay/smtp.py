@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -33,6 +34,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mxmrelay import metrics
 from mxmrelay.actions import Close, Step, Wait
 from mxmrelay.connection import ConnectionInfo, Settings
 from mxmrelay.reply import Reply
@@ -194,6 +196,7 @@ class SMTPServer(_Pipeline, TimeoutMixin):
         self.session = SMTPSession(self.settings, self.info, tls=self.role == "smtps",
                                    learn_tls=self.handshakeCompleted)
         self.factory.connections.add(self)
+        metrics.connection_opened(self.role)
         self.setTimeout(self.settings.idle_timeout)
         log.info("connect client={client} listener={listener}",
                  client=self.info.client, listener=self.role)
@@ -234,6 +237,7 @@ class SMTPServer(_Pipeline, TimeoutMixin):
         the session asks too, at the first EHLO under TLS."""
         version, cipher = describe(self.transport)
         self.info.tls_version, self.info.tls_cipher = version, cipher
+        metrics.tls_established(self.role, version)
         log.info("tls client={client} version={version} cipher={cipher}",
                  client=self.info.client, version=version, cipher=cipher)
 
@@ -241,6 +245,9 @@ class SMTPServer(_Pipeline, TimeoutMixin):
         self._closed = True
         self.setTimeout(None)
         self.factory.gone(self)
+        metrics.connection_closed(self.role)
+        if self.session.tls and self.info.tls_version is None and reason.check(SSL.Error):
+            metrics.tls_failed(self.role)
         if self._counted:
             self._counted = False
             self.settings.release(self.info.network)

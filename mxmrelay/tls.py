@@ -24,6 +24,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mxmrelay import metrics
+
 #: Mozilla's "intermediate" list for TLS 1.2 (TLS 1.3 suites are fixed).
 CIPHERS = (
     "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
@@ -169,6 +171,7 @@ class ImplicitTLSFront(Protocol, TimeoutMixin):
         peer = self.transport.getPeer()
         self.log.info("plaintext on implicit TLS port ({why}): client={client}",
                       why=why, client=getattr(peer, "host", peer))
+        metrics.tls_failed("smtps")
         self.transport.write(PLAINTEXT_ON_TLS_PORT)
         self.transport.loseConnection()
 

@@ -15,11 +15,12 @@ from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mxmrelay import metrics
 from mxmrelay.actions import Step, answer, say
 from mxmrelay.connection import ConnectionInfo, Settings
 from mxmrelay.datareader import DataReader, IBulkMessage
-from mxmrelay.limiter import Reservation
 from mxmrelay.envelope import MAX_PATH, mail_parameters, need_smtputf8, parse_path_command
+from mxmrelay.limiter import Reservation
 from mxmrelay.reply import Reply, quote
 
 log = Logger(namespace="mxmrelay.smtp")
@@ -106,6 +107,7 @@ class Transaction:
         assert message is not None and reader is not None
         self.message = None
         if reader.error is not None:
+            metrics.transaction_ended(reader.error.code, reader.size)
             self._settle(False)
             return say(reader.error)
         # One log line per transaction, written once its answer is known.
@@ -116,11 +118,14 @@ class Transaction:
             log.info("sent id={id} client={client} user={user} from={sender} rcpts={rcpts} "
                      "size={size}", id=send_id, **facts)
             self._settle(True)
+            metrics.transaction_ended(250, reader.size)
             return say(Reply(250, "2.0.0", f"Ok: queued as {send_id}"))
 
         def failed(f: Failure) -> Step:
             self._settle(False)
             step = refused(f, info.client)
+            metrics.transaction_ended(f.value.code if isinstance(f.value, Reply) else 451,
+                                      reader.size)
             log.info("refused reply={reply} client={client} user={user} from={sender} "
                      "rcpts={rcpts} size={size}", reply=str(f.value), **facts)
             return step

@@ -78,9 +78,13 @@ def main(argv: list[str] | None = None) -> None:
         text = formatEventAsClassicLogText(event)
         return text and text.replace("] ", f"] [worker {index}] ", 1)
 
-    globalLogBeginner.beginLoggingTo([FileLogObserver(sys.stdout, fmt)],
-                                     redirectStandardIO=False)
     config = Config.from_file(Path(args.config))
+    observer: Any = FileLogObserver(sys.stdout, fmt)
+    if config.log_format == "json":
+        from mxmrelay.logs import json_observer
+
+        observer = json_observer(sys.stdout, worker=index)
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     top = InOrder()
     relay = relay_service(config, reactor, top)
     settings = relay.settings
@@ -103,6 +107,9 @@ def main(argv: list[str] | None = None) -> None:
         if haproxy == "1":
             endpoint = proxyEndpoint(endpoint)
         endpoint.listen(relay.factory(role, haproxy == "1"))
+    from mxmrelay.health import add_serving
+
+    add_serving(top)
     top.startService()
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     reactor.run()

@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 
+from mxmrelay import health
 from mxmrelay.auth import FailureLimiter
 from mxmrelay.config import Config, ConfigError, Listener
 from mxmrelay.endpoints import LISTEN_BACKLOG, split_endpoint, without_proxy
@@ -122,6 +124,7 @@ class _Worker(ProcessProtocol):
         self.index = index
         self.ended: Deferred[None] = Deferred()
         self.started = 0.0
+        self.pid: int | None = None
 
     def processEnded(self, reason: Failure) -> None:
         self.ended.callback(None)
@@ -147,6 +150,8 @@ class Supervisor(Service):
         self.transports: dict[int, Any] = {}
         self.backoff: dict[int, float] = {}
         self.grace = (config.delivery_api.timeout if config.delivery_api else 30) + 10
+        #: Told each ended worker's pid (its live metrics leave the sums).
+        self.worker_gone: Callable[[int], None] = lambda pid: None
 
     def startService(self) -> None:
         super().startService()
@@ -173,10 +178,13 @@ class Supervisor(Service):
                                            Factory.forProtocol(lambda: SupervisorControl(self)))
         ours.close()
         self.workers[index] = worker
+        worker.pid = self.transports[index].pid
         log.info("worker {index} started pid={pid}", index=index,
                  pid=self.transports[index].pid)
 
     def ended(self, worker: _Worker, reason: Failure) -> None:
+        if worker.pid is not None:
+            self.worker_gone(worker.pid)
         if self.workers.get(worker.index) is not worker:
             return
         del self.workers[worker.index]
@@ -235,7 +243,13 @@ def make_supervised_service(config: Config, config_path: Path, reactor: Any) -> 
     from mxmrelay.service import InOrder
 
     top = InOrder()
+    # The metrics folder first: the workers inherit it, and it is removed
+    # only once they have ended.
+    gone = health.shared_folder(top) if config.metrics is not None else None
     supervisor = Supervisor(config_path.resolve(), config, reactor)
     supervisor.setServiceParent(top)
+    if gone is not None:
+        supervisor.worker_gone = gone
+        health.add_listener(config, reactor, top)
     OnSignal(reactor, supervisor.reload).setServiceParent(top)
     return top

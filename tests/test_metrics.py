@@ -1,0 +1,303 @@
+"""What an operator watches: ``/metrics``, ``/healthz`` and ``/readyz``.
+
+End to end, the real ``twistd -n mxmrelay`` process over real sockets
+(real TLS, the real reference API over real HTTP), scraped and parsed with
+prometheus-client's own parser, the counts checked against what was sent;
+with ``workers = 2`` one scrape sums both workers.  The readiness rule and
+the helpers are tested pure, on a Clock.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import REGISTRY
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from mxmrelay import metrics
+from mxmrelay.check import check
+from mxmrelay.config import Config, ConfigError
+from mxmrelay.health import Readiness
+from tests.metrics_support import WRONG, Relay, value
+from tests.support import config_dict, fetch_json
+
+
+class Scrape(unittest.TestCase):
+    timeout = 90
+
+    async def test_counts_match_what_was_sent(self) -> None:
+        relay = Relay(self)
+        await relay.start()
+        self.assertEqual((await relay.sent())[:3], "250")
+        self.assertEqual((await relay.sent())[:3], "250")
+        # a rule refuses it: the To header is not among the RCPT TOs
+        refused = await relay.sent(header_to="other@example.org")
+        self.assertEqual(refused[:9], "550 5.6.0", refused)
+        wrong = await relay.sent(password=WRONG)
+        self.assertEqual(wrong[:3], "535")
+        stored = await fetch_json(f"http://127.0.0.1:{relay.api.port}/v1/sends")
+        self.assertEqual(len(stored["sends"]), 2)
+
+        s = await relay.scrape()
+        self.assertEqual(value(s, "mxmrelay_auth_attempts_total", result="success"), 3)
+        self.assertEqual(value(s, "mxmrelay_auth_attempts_total", result="failure"), 1)
+        self.assertEqual(value(s, "mxmrelay_transactions_total", outcome="accepted",
+                               code="250"), 2)
+        self.assertEqual(value(s, "mxmrelay_transactions_total", outcome="rejected",
+                               code="550"), 1)
+        self.assertEqual(value(s, "mxmrelay_sends_total", customer="demo",
+                               result="forwarded"), 2)
+        self.assertEqual(value(s, "mxmrelay_sends_total", customer="demo",
+                               result="refused"), 1)
+        self.assertEqual(value(s, "mxmrelay_message_size_bytes_count"), 3)
+        self.assertGreater(value(s, "mxmrelay_message_size_bytes_sum"), 3 * 100)
+        self.assertEqual(value(s, "mxmrelay_delivery_api_requests_total", result="2xx"), 2)
+        self.assertEqual(value(s, "mxmrelay_delivery_api_request_duration_seconds_count"), 2)
+        self.assertEqual(value(s, "mxmrelay_sends_in_flight"), 0)
+        self.assertEqual(value(s, "mxmrelay_connections_total", listener="submission"), 4)
+        self.assertEqual(value(s, "mxmrelay_tls_handshakes_total", listener="submission"), 4)
+        self.assertEqual(value(s, "mxmrelay_directory_lookups_total", result="found"), 4)
+        self.assertEqual(value(s, "mxmrelay_processes_serving"), 1)
+        self.assertGreater(value(s, "mxmrelay_delivery_api_last_answer_timestamp_seconds"), 0)
+        # No address, user name or free text is a label value.
+        labels = {v for (_, ls) in s for _, v in ls}
+        for secret in ("127.0.0.1", "demo@example.com", "shop@example.com", "someone"):
+            self.assertFalse([x for x in labels if secret in x], secret)
+
+    async def test_workers_sum_in_one_scrape(self) -> None:
+        relay = Relay(self, workers=2)
+        await relay.start()
+        # Each worker in turn (the other one stopped cannot accept).
+        for index in (0, 1, 0, 1):
+            relay.only(index)
+            self.assertEqual((await relay.sent())[:3], "250")
+        relay.only(1)
+        self.assertEqual((await relay.sent(password=WRONG))[:3], "535")
+        for index in (0, 1):
+            self.assertIn(f"[worker {index}] auth ok", relay.out.text)
+        for pid in relay.pids().values():
+            os.kill(pid, signal.SIGCONT)
+        s = await relay.scrape()
+        self.assertEqual(value(s, "mxmrelay_sends_total", result="forwarded"), 4)
+        self.assertEqual(value(s, "mxmrelay_auth_attempts_total", result="success"), 4)
+        self.assertEqual(value(s, "mxmrelay_auth_attempts_total", result="failure"), 1)
+        self.assertEqual(value(s, "mxmrelay_connections_total"), 5)
+        self.assertEqual(value(s, "mxmrelay_processes_serving"), 2)
+        # A worker that dies takes its live gauges with it, not its counts.
+        old = relay.pids()[0]
+        os.kill(old, signal.SIGKILL)
+        await relay.until(lambda: relay.pids().get(0) not in (None, old), "a new worker 0")
+        after: dict[Any, float] = {}
+
+        async def settled() -> bool:
+            after.update(await relay.scrape())
+            return value(after, "mxmrelay_processes_serving") == 2
+
+        await self._poll(settled)
+        self.assertEqual(value(after, "mxmrelay_sends_total", result="forwarded"), 4)
+        self.assertEqual(value(after, "mxmrelay_connections_open"), 0)
+
+    async def _poll(self, check: Any, deadline: float = 20) -> None:
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        end = reactor.seconds() + deadline
+        while not await check():
+            self.assertLess(reactor.seconds(), end, "timed out")
+            await deferLater(reactor, 0.1, lambda: None)
+
+
+class Health(unittest.TestCase):
+    timeout = 60
+
+    async def test_readyz_follows_the_delivery_api(self) -> None:
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        relay = Relay(self, api_up=False)
+        await relay.start()
+        self.assertEqual(await relay.get("/healthz"), (200, "ok\n"))
+        code, text = await relay.get("/readyz")
+        self.assertEqual(code, 503)
+        self.assertTrue(text.startswith("not ready: delivery API unreachable"), text)
+        self.assertEqual((await relay.sent())[:9], "451 4.4.1")
+
+        relay.api.up()
+        answers: list[tuple[int, str]] = []
+
+        async def ready() -> bool:
+            answers.append(await relay.get("/readyz"))
+            return answers[-1] == (200, "ready\n")
+
+        end = reactor.seconds() + 20
+        while not await ready():
+            self.assertLess(reactor.seconds(), end, answers[-1])
+            await deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual((await relay.sent())[:3], "250")
+
+        await relay.api.down()
+        # The last answer stays good for api_answered_within (2 s), then
+        # the probe finds nobody.
+        end = reactor.seconds() + 20
+        while (await relay.get("/readyz"))[0] != 503:
+            self.assertLess(reactor.seconds(), end)
+            await deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(await relay.get("/healthz"), (200, "ok\n"))
+        self.assertEqual((await relay.get("/nothing"))[0], 404)
+
+
+def _done(value: str | None) -> Deferred[str | None]:
+    d: Deferred[str | None] = Deferred()
+    d.callback(value)
+    return d
+
+
+class ReadinessRule(unittest.TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.serving = True
+        self.answered: float | None = None
+        self.probes: list[Deferred[str | None]] = []
+
+        def probe() -> Deferred[str | None]:
+            d: Deferred[str | None] = Deferred()
+            self.probes.append(d)
+            return d
+
+        self.readiness = Readiness(self.clock, lambda: self.serving, lambda: self.answered,
+                                   probe, 60)
+
+    def test_not_serving(self) -> None:
+        self.serving = False
+        reason = self.successResultOf(self.readiness.check())
+        self.assertIn("no relay process is listening", reason or "")
+        self.assertEqual(self.probes, [])
+
+    def test_a_fresh_answer_needs_no_probe(self) -> None:
+        self.answered = 1000 - 59
+        self.assertIsNone(self.successResultOf(self.readiness.check()))
+        self.assertEqual(self.probes, [])
+
+    def test_a_stale_answer_probes_once_for_everyone(self) -> None:
+        self.answered = 1000 - 61
+        first, second = self.readiness.check(), self.readiness.check()
+        self.assertNoResult(first)
+        self.assertEqual(len(self.probes), 1)
+        self.probes[0].callback("delivery API answered 503")
+        self.assertEqual(self.successResultOf(first), "delivery API answered 503")
+        self.assertEqual(self.successResultOf(second), "delivery API answered 503")
+        # a failed probe is not remembered: the next check probes again
+        third = self.readiness.check()
+        self.assertEqual(len(self.probes), 2)
+        self.probes[1].callback(None)
+        self.assertIsNone(self.successResultOf(third))
+        # a good one is, for the window
+        self.clock.advance(59)
+        self.assertIsNone(self.successResultOf(self.readiness.check()))
+        self.assertEqual(len(self.probes), 2)
+        self.clock.advance(2)
+        self.assertNoResult(self.readiness.check())
+        self.assertEqual(len(self.probes), 3)
+
+
+class Helpers(unittest.TestCase):
+    def delta(self, name: str, labels: dict[str, str], act: Any) -> float:
+        before = REGISTRY.get_sample_value(name, labels) or 0
+        act()
+        return (REGISTRY.get_sample_value(name, labels) or 0) - before
+
+    def test_transaction_outcomes(self) -> None:
+        name = "mxmrelay_transactions_total"
+        self.assertEqual(self.delta(name, {"outcome": "accepted", "code": "250"},
+                                    lambda: metrics.transaction_ended(250, 10)), 1)
+        self.assertEqual(self.delta(name, {"outcome": "deferred", "code": "451"},
+                                    lambda: metrics.transaction_ended(451)), 1)
+        self.assertEqual(self.delta(name, {"outcome": "rejected", "code": "552"},
+                                    lambda: metrics.transaction_ended(552, 10)), 1)
+
+    def test_send_results(self) -> None:
+        name = "mxmrelay_sends_total"
+        for code, result in ((250, "forwarded"), (451, "deferred"), (554, "refused")):
+            self.assertEqual(self.delta(name, {"customer": "acme", "result": result},
+                                        lambda c=code: metrics.send_result("acme", c)), 1)
+
+    def test_only_a_working_answer_is_a_fresh_answer(self) -> None:
+        name = "mxmrelay_delivery_api_last_answer_timestamp_seconds"
+        metrics.api_answered(201, now=100.0)
+        self.assertEqual(REGISTRY.get_sample_value(name), 100.0)
+        for status in (500, 503, 401, 403):
+            metrics.api_answered(status, now=200.0)
+            self.assertEqual(REGISTRY.get_sample_value(name), 100.0)
+        metrics.api_answered(422, now=300.0)
+        self.assertEqual(REGISTRY.get_sample_value(name), 300.0)
+
+    def test_auth_blocks_are_attempts_too(self) -> None:
+        self.assertEqual(self.delta("mxmrelay_auth_attempts_total", {"result": "blocked"},
+                                    lambda: metrics.auth_blocked("user")), 1)
+
+
+class Configuration(unittest.TestCase):
+    def test_keys_checked(self) -> None:
+        folder = Path(self.mktemp()).resolve()
+        data = config_dict(folder, "http://127.0.0.1:1/v1/sends",
+                           metrics={"endpoint": "tcp:9125", "api_answered_within": 0,
+                                    "endpiont": "x"}, log_format="yaml")
+        with self.assertRaises(ConfigError) as caught:
+            Config.from_dict(data, folder, "x.toml")
+        self.assertEqual(sorted(str(p) for p in caught.exception.problems), [
+            "x.toml: log_format: must be one of text, json",
+            "x.toml: metrics.api_answered_within: must be a number from 1 to 86400",
+            "x.toml: metrics.endpiont: unknown key (did you mean 'endpoint'?)"])
+        data = config_dict(folder, "http://127.0.0.1:1/v1/sends", metrics={})
+        with self.assertRaises(ConfigError) as caught:
+            Config.from_dict(data, folder, "x.toml")
+        self.assertEqual([str(p) for p in caught.exception.problems],
+                         ["x.toml: metrics.endpoint: missing or not a non-empty string"])
+
+    def test_defaults(self) -> None:
+        folder = Path(self.mktemp()).resolve()
+        config = Config.from_dict(config_dict(folder, "http://127.0.0.1:1/v1/sends"), folder,
+                                  "x.toml")
+        self.assertIsNone(config.metrics)
+        self.assertEqual(config.log_format, "text")
+
+
+class CheckEndpoint(unittest.TestCase):
+    def test_check_parses_the_endpoint(self) -> None:
+        from twisted.internet import reactor
+
+        folder = Path(self.mktemp()).resolve()
+        folder.mkdir(parents=True)
+        directory = Path(__file__).resolve().parent.parent / "etc" / "directory.dev.toml"
+        data = config_dict(folder, "http://127.0.0.1:1/v1/sends",
+                           metrics={"endpoint": "tcp:notaport"}, directory=str(directory))
+        path = folder / "relay.toml"
+        path.write_text(_toml(data))
+        report = check(path, reactor)
+        self.assertEqual([p.key for p in report.errors], ["metrics.endpoint"])
+
+
+def _toml(data: dict[str, Any], prefix: str = "") -> str:
+    """Enough TOML for config_dict's tables (no third-party writer)."""
+    import json
+
+    lines, tables = [], []
+    for key, val in data.items():
+        if isinstance(val, dict):
+            tables.append((key, val))
+        elif isinstance(val, list) and val and isinstance(val[0], dict):
+            for item in val:
+                lines.append(f"[[{key}]]")
+                lines += [f"{k} = {json.dumps(v)}" for k, v in item.items()]
+        else:
+            lines.insert(0, f"{key} = {json.dumps(val)}")
+    for key, table in tables:
+        lines.append(f"[{key}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
