@@ -25,6 +25,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mxmrelay import metrics
 from mxmrelay.directory import User
 
 __all__ = ["DirectoryCache"]
@@ -66,6 +67,7 @@ class DirectoryCache:
             limit = self.ttl if entry.user is not None else self.negative_ttl
             if self.clock.seconds() - entry.answered < limit:
                 self.counts["fresh"] += 1
+                metrics.directory_cache("hit" if entry.user is not None else "negative_hit")
                 return succeed(entry.user)
         # Each caller gets a Deferred of its own, so that one that gives
         # up (cancels) does not take the answer from the others.
@@ -73,9 +75,11 @@ class DirectoryCache:
         waiting = self._flying.get(key)
         if waiting is not None:
             self.counts["shared"] += 1
+            metrics.directory_cache("shared")
             waiting.append(mine)
             return mine
         self._flying[key] = [mine]
+        metrics.directory_cache("miss")
         fetch().addCallbacks(self._answered, self._failed, callbackArgs=(key,),
                              errbackArgs=(key,))
         return mine
@@ -96,11 +100,13 @@ class DirectoryCache:
             age = self.clock.seconds() - entry.answered
             if age < self.stale_ttl:
                 self.counts["stale"] += 1
+                metrics.directory_cache("stale")
                 log.warn("directory unavailable: user={user} answered from the cache, "
                          "{age:.0f} s old", user=entry.user.email, age=age)
                 for d in waiting:
                     d.callback(entry.user)
                 return
         self.counts["failed"] += 1
+        metrics.directory_cache("failed")
         for d in waiting:
             d.errback(failure)

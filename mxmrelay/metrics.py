@@ -76,9 +76,10 @@ DIRECTORY_LOOKUPS = Counter(
     "mxmrelay_directory_lookups", "Customer directory lookups at AUTH by result: found, "
     "not_found, error (the directory could not answer).", ["result"])
 DIRECTORY_CACHE = Counter(
-    "mxmrelay_directory_cache_lookups", "Lookups in a directory backend's cache by result: "
-    "hit, negative_hit (a cached 'no such user'), stale (kept while the platform fails), "
-    "miss.", ["result"])
+    "mxmrelay_directory_cache_lookups", "Lookups in the platform directory's cache by "
+    "result: hit, negative_hit (a cached 'no such user'), miss (the platform is asked), "
+    "shared (joined a request in flight), stale (the platform failed, a recent answer "
+    "served), failed (the platform failed, nothing to serve).", ["result"])
 RELOADS = Counter(
     "mxmrelay_reloads", "Reloads of the directory or the certificate, by what and result "
     "(ok, failed: the old one stays); counted by each process that reloads.",
@@ -171,7 +172,7 @@ def directory_lookup(result: str) -> None:
 
 
 def directory_cache(result: str) -> None:
-    """``hit``, ``negative_hit``, ``stale`` or ``miss``."""
+    """``hit``, ``negative_hit``, ``miss``, ``shared``, ``stale`` or ``failed``."""
     DIRECTORY_CACHE.labels(result).inc()
 
 

@@ -33,6 +33,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mxmrelay import metrics
 from mxmrelay.auth import CredentialCache
 from mxmrelay.config import Config, Problem
 from mxmrelay.directory import IDirectory, InvalidDirectory, TomlDirectory, User
@@ -68,6 +69,10 @@ class Reloader:
         self.directory = directory
         self.cache = cache
         self.now = now or (lambda: datetime.datetime.now(datetime.UTC))
+        # What start-up loaded counts as the first good load.
+        metrics.loaded("certificate")
+        if directory is not None:
+            metrics.loaded("directory")
 
     def reload(self) -> bool:
         """Reload both; True if both are now the files' current contents."""
@@ -83,6 +88,7 @@ class Reloader:
             return step()
         except Exception:
             log.failure("reload failed, keeping the old {what}", what=what)
+            metrics.reloaded(what, False)
             return False
 
     def reload_tls(self) -> bool:
@@ -95,8 +101,10 @@ class Reloader:
             log.warn("reload: warning: {problem}", problem=str(problem))
         if options is None:
             _failed("certificate", report.errors)
+            metrics.reloaded("certificate", False)
             return False
         self.tls.options = options
+        metrics.reloaded("certificate", True)
         assert options.certificate is not None
         cert = options.certificate.to_cryptography()
         log.info("reload ok: certificate {path} serial={serial} expires={expires}",
@@ -113,11 +121,14 @@ class Reloader:
         except InvalidDirectory as e:
             # As start-up (mxmrelay.check) words it: the key is "directory".
             _failed("directory", [Problem(where, "directory", str(p)) for p in e.problems])
+            metrics.reloaded("directory", False)
             return False
         except (ValueError, UnicodeError) as e:
             _failed("directory", [Problem(where, "directory", f"{path}: cannot read: {e}")])
+            metrics.reloaded("directory", False)
             return False
         self.directory.current = new
+        metrics.reloaded("directory", True)
         log.info("reload ok: directory {path} users={users} customer_spaces={spaces}",
                  path=str(path), users=len(new.users), spaces=len(new.spaces))
         return True
@@ -156,6 +167,70 @@ class OnSignal(Service):
         if self._installed:
             signal.signal(self.signum, self._previous or signal.SIG_DFL)
             self._installed = False
+
+
+#: What says a file changed: the file its path leads to now (a ConfigMap
+#: swaps a symlink), and that file's inode, size and modification time.
+Signature = tuple[str, int, int, int, int] | None
+
+
+def signature(path: Path) -> Signature:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class Watcher(Service):
+    """``reload_poll = SECONDS``: reload when the directory file or the
+    certificate or key changes on disk, for where nobody sends a signal
+    (a Kubernetes ConfigMap or Secret is replaced by swapping a symlink).
+
+    Every ``interval`` it compares each file's :func:`signature` with the
+    one it last loaded; a change reloads once the file has stood still for
+    one more look, so a file being written in place is not read half-way.
+    A file that is broken is tried once per change, not at every look."""
+
+    def __init__(self, clock: Any, reloader: Reloader, interval: float) -> None:
+        from twisted.internet.task import LoopingCall
+
+        self.reloader = reloader
+        self.interval = interval
+        self.paths = [reloader.config.tls.certificate, reloader.config.tls.private_key]
+        if reloader.directory is not None:
+            self.paths.append(reloader.directory.path)
+        self.loaded = self.seen = self._look()
+        self.loop = LoopingCall(self.tick)
+        self.loop.clock = clock
+
+    def _look(self) -> list[Signature]:
+        return [signature(path) for path in self.paths]
+
+    def tick(self) -> None:
+        now = self._look()
+        steady, self.seen = now == self.seen, now
+        if now != self.loaded and steady:
+            self.loaded = now
+            log.info("reload: a watched file changed")
+            self.reloader.reload()
+
+    def startService(self) -> None:
+        super().startService()
+        self.loop.start(self.interval, now=False)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self.loop.running:
+            self.loop.stop()
+
+
+def hooks(reactor: Any, reloader: Reloader, interval: float) -> list[Service]:
+    """What reloads a relay process: SIGHUP, and the watcher if asked for."""
+    found: list[Service] = [OnSignal(reactor, reloader.reload)]
+    if interval > 0:
+        found.append(Watcher(reactor, reloader, interval))
+    return found
 
 
 def ask_to_reload(pid: int, out: TextIO) -> int:

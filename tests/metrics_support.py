@@ -89,7 +89,8 @@ class Relay:
     """``twistd -n mxmrelay`` with one submission listener and metrics."""
 
     def __init__(self, testcase: unittest.TestCase, *, workers: int = 1,
-                 log_format: str = "text", api_up: bool = True) -> None:
+                 log_format: str = "text", api_up: bool = True,
+                 directory: Path = ROOT / "etc" / "directory.dev.toml") -> None:
         self.testcase = testcase
         self.folder = Path(testcase.mktemp()).resolve()
         self.folder.mkdir(parents=True)
@@ -102,7 +103,7 @@ class Relay:
         self.config = self.folder / "relay.toml"
         self.config.write_text(f"""
 hostname = "relay.test"
-directory = "{ROOT / 'etc' / 'directory.dev.toml'}"
+directory = "{directory}"
 bounce_address = "bounce+{{id}}@bounces.test"
 workers = {workers}
 log_format = "{log_format}"
@@ -223,3 +224,26 @@ def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: s
     """The sum of the samples called ``name`` whose labels include ``labels``."""
     return sum(v for (n, ls), v in samples.items()
                if n == name and all(dict(ls).get(k) == x for k, x in labels.items()))
+
+
+def failed_handshake(port: int) -> str:
+    """STARTTLS, then a TLS 1.2 ClientHello offering only a cipher the
+    relay refuses (no forward secrecy): the handshake fails.  Blocking."""
+    client = smtplib.SMTP("127.0.0.1", port, timeout=20, local_hostname="client.test")
+    try:
+        client.ehlo()
+        code, _ = client.docmd("STARTTLS")
+        assert code == 220, code
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_ciphers("AES128-SHA")
+        assert client.sock is not None
+        try:
+            ctx.wrap_socket(client.sock, server_hostname="localhost")
+        except (ssl.SSLError, OSError) as e:
+            return type(e).__name__
+        return "handshake succeeded"
+    finally:
+        client.close()

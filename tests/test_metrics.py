@@ -23,8 +23,8 @@ from mxmrelay import metrics
 from mxmrelay.check import check
 from mxmrelay.config import Config, ConfigError
 from mxmrelay.health import Readiness
-from tests.metrics_support import WRONG, Relay, value
-from tests.support import config_dict, fetch_json
+from tests.metrics_support import WRONG, Relay, failed_handshake, value
+from tests.support import config_dict, fetch_json, in_thread
 
 
 class Scrape(unittest.TestCase):
@@ -40,10 +40,17 @@ class Scrape(unittest.TestCase):
         self.assertEqual(refused[:9], "550 5.6.0", refused)
         wrong = await relay.sent(password=WRONG)
         self.assertEqual(wrong[:3], "535")
+        self.assertEqual(await in_thread(failed_handshake, relay.smtp_port), "SSLError")
         stored = await fetch_json(f"http://127.0.0.1:{relay.api.port}/v1/sends")
         self.assertEqual(len(stored["sends"]), 2)
 
-        s = await relay.scrape()
+        s: dict[Any, float] = {}
+
+        async def closed() -> bool:
+            s.update(await relay.scrape())
+            return value(s, "mxmrelay_connections_open") == 0
+
+        await self._poll(closed)
         self.assertEqual(value(s, "mxmrelay_auth_attempts_total", result="success"), 3)
         self.assertEqual(value(s, "mxmrelay_auth_attempts_total", result="failure"), 1)
         self.assertEqual(value(s, "mxmrelay_transactions_total", outcome="accepted",
@@ -59,8 +66,11 @@ class Scrape(unittest.TestCase):
         self.assertEqual(value(s, "mxmrelay_delivery_api_requests_total", result="2xx"), 2)
         self.assertEqual(value(s, "mxmrelay_delivery_api_request_duration_seconds_count"), 2)
         self.assertEqual(value(s, "mxmrelay_sends_in_flight"), 0)
-        self.assertEqual(value(s, "mxmrelay_connections_total", listener="submission"), 4)
+        self.assertEqual(value(s, "mxmrelay_connections_total", listener="submission"), 5)
         self.assertEqual(value(s, "mxmrelay_tls_handshakes_total", listener="submission"), 4)
+        self.assertEqual(value(s, "mxmrelay_tls_handshake_failures_total",
+                               listener="submission"), 1)
+        self.assertEqual(value(s, "mxmrelay_connections_open"), 0)
         self.assertEqual(value(s, "mxmrelay_directory_lookups_total", result="found"), 4)
         self.assertEqual(value(s, "mxmrelay_processes_serving"), 1)
         self.assertGreater(value(s, "mxmrelay_delivery_api_last_answer_timestamp_seconds"), 0)
@@ -301,3 +311,66 @@ def _toml(data: dict[str, Any], prefix: str = "") -> str:
         lines.append(f"[{key}]")
         lines += [f"{k} = {json.dumps(v)}" for k, v in table.items()]
     return "\n".join(lines) + "\n"
+
+
+class Reloads(unittest.TestCase):
+    timeout = 60
+
+    async def test_reloads_counted(self) -> None:
+        import shutil
+
+        folder = Path(self.mktemp()).resolve()
+        folder.mkdir(parents=True)
+        directory = folder / "directory.toml"
+        shutil.copy(Path(__file__).resolve().parent.parent / "etc" / "directory.dev.toml",
+                    directory)
+        relay = Relay(self, directory=directory)
+        await relay.start()
+        s = await relay.scrape()
+        started = value(s, "mxmrelay_reload_last_success_timestamp_seconds", what="directory")
+        self.assertGreater(started, 0)
+        relay.process.signalProcess("HUP")
+        await relay.until(lambda: "reload ok: directory" in relay.out.text, "a reload")
+        s = await relay.scrape()
+        for what in ("directory", "certificate"):
+            self.assertEqual(value(s, "mxmrelay_reloads_total", what=what, result="ok"), 1)
+        good = value(s, "mxmrelay_reload_last_success_timestamp_seconds", what="directory")
+        self.assertGreaterEqual(good, started)
+        directory.write_text(directory.read_text() + "\n[[user]]\nemial = 1\n")
+        relay.process.signalProcess("HUP")
+        await relay.until(lambda: "reload failed" in relay.out.text, "a failed reload")
+        s = await relay.scrape()
+        self.assertEqual(value(s, "mxmrelay_reloads_total", what="directory", result="failed"),
+                         1)
+        self.assertEqual(value(s, "mxmrelay_reloads_total", what="certificate", result="ok"), 2)
+        self.assertEqual(
+            value(s, "mxmrelay_reload_last_success_timestamp_seconds", what="directory"), good)
+
+
+class CacheCounts(unittest.TestCase):
+    def test_cache_lookups(self) -> None:
+        from twisted.internet.defer import fail, succeed
+
+        from mxmrelay.directory import CustomerSpace, User
+        from mxmrelay.directory_cache import DirectoryCache
+
+        clock = Clock()
+        cache = DirectoryCache(clock, ttl=60, negative_ttl=10, stale_ttl=600)
+        user = User("a@b.test", "x", CustomerSpace("s", "S", frozenset({"b.test"})))
+        name = "mxmrelay_directory_cache_lookups_total"
+
+        def count(result: str) -> float:
+            return REGISTRY.get_sample_value(name, {"result": result}) or 0
+
+        before = {r: count(r) for r in ("hit", "negative_hit", "miss", "stale", "failed")}
+        cache.lookup("a@b.test", lambda: succeed(user))
+        cache.lookup("a@b.test", lambda: succeed(user))
+        cache.lookup("x@b.test", lambda: succeed(None))
+        cache.lookup("x@b.test", lambda: succeed(None))
+        clock.advance(61)
+        cache.lookup("a@b.test", lambda: fail(RuntimeError("down")))
+        clock.advance(600)
+        self.failureResultOf(cache.lookup("a@b.test", lambda: fail(RuntimeError("down"))))
+        after = {r: count(r) - before[r] for r in before}
+        self.assertEqual(after, {"hit": 1, "negative_hit": 1, "miss": 4, "stale": 1,
+                                 "failed": 1})
