@@ -256,8 +256,10 @@ def display_name(section: bytes, box: Mailbox) -> bytes | None:
 
 
 def _clean_phrase(buf: bytes, tokens: Sequence[Token]) -> bool:
-    """Words, or dots after a word; every quoted string closed."""
-    if not tokens or tokens[0].kind not in _WORDS:
+    """Words, or dots between words (obsolete syntax); every quoted
+    string closed.  Not a dot last: a phrase ending ``.`` right before the
+    ``<`` trips parsers (Python's email package raises on ``0.<a@b>``)."""
+    if not tokens or tokens[0].kind not in _WORDS or tokens[-1].kind not in _WORDS:
         return False
     return all(
         (t.kind in _WORDS and _closed(buf, t)) or _special(buf, t, b".") for t in tokens

@@ -169,6 +169,12 @@ class FoundCases(Case):
                          b"To: rcpt@example.org\r\n")
         self.assertIn(b"From: <mailfrom@example.com>\r\n", send.headers)
 
+    def test_display_name_ending_in_a_dot_is_not_kept(self) -> None:
+        # Obsolete syntax that a strict parser trips on (found by the property).
+        send = self.send(b"To: <rcpt@example.org>\r\nFrom:0.<x@y.example>\r\n")
+        self.assertIn(b"From: <mailfrom@example.com>\r\n", send.headers)
+        self.assertEqual(only_address(strict(send.headers)["From"]), MAIL_FROM)
+
     def test_to_with_a_second_address_is_rewritten(self) -> None:
         send = self.send(b"From: <a@b>\r\nTo: <rcpt@example.org> <ceo@victim.example>\r\n")
         self.assertIn(b"To: <rcpt@example.org>\r\n", send.headers)
