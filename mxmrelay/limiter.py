@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 from prometheus_client import Counter, Gauge
@@ -56,12 +56,27 @@ class Reservation:
             self._give_back()
 
 
+class Counters(Protocol):
+    """Counters kept outside this process: Redis (shared by every relay),
+    or the supervisor (shared by one relay's workers)."""
+
+    up: bool
+    on_health: list[Callable[[bool], None]]
+
+    def reserve(self, space: str, limits: Limits) -> Deferred[Refusal | Callable[[], None]]: ...
+
+    def open_session(self, user: str, sid: str, limit: float) -> Deferred[bool]: ...
+
+    def close_session(self, user: str, sid: str) -> None: ...
+
+
 @attrs.define
 class SharedState:
-    """The counters: in ``local``, or in ``redis`` while it answers."""
+    """The counters: in ``local``, or in ``redis`` (Redis, or the
+    supervisor's with ``workers = N``) while it answers."""
 
     local: LocalState
-    redis: RedisState | None = None
+    redis: Counters | None = None
 
     @property
     def shared(self) -> bool:
@@ -238,7 +253,7 @@ def share(settings: Any, parent: MultiService) -> None:
     and hear every relay's blocks; Redis is let go when ``parent`` stops."""
     limiter: Limiter | None = settings.portal.realm.outbound.limiter
     redis = limiter.state.redis if limiter is not None else None
-    if redis is None:
+    if not isinstance(redis, RedisState):
         return
     share_failures(redis, {"address": settings.address_limiter, "user": settings.user_limiter})
     _CloseRedis(redis).setServiceParent(parent)

@@ -29,6 +29,8 @@ class WorkerControl(LineOnlyReceiver):
     stop when the supervisor is gone (its end closes)."""
 
     delimiter = b"\n"
+    #: The limits' counters the supervisor keeps (see mxmrelay.supervised_state).
+    counters: Any = None
 
     def __init__(self, limiters: dict[str, Any], reactor: Any,
                  on_reload: Any = None) -> None:
@@ -38,10 +40,16 @@ class WorkerControl(LineOnlyReceiver):
         self.on_reload = on_reload
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.counters is not None:
+            self.counters.lost()
         if self.reactor.running:
             self.reactor.stop()
 
     def lineReceived(self, line: bytes) -> None:
+        if line.startswith(b'["limited"'):
+            if self.counters is not None:
+                self.counters.answered(line)
+            return
         if line == b'["reload"]':
             if self.on_reload is not None:
                 self.on_reload()
@@ -93,6 +101,10 @@ def main(argv: list[str] | None = None) -> None:
     # A SIGHUP sent to the worker itself (to the whole process group, say)
     # reloads it too, rather than ending it.
     OnSignal(reactor, relay.reloader.reload).setServiceParent(top)
+    if config.state.redis is None:
+        from mxmrelay.supervised_state import attach
+
+        attach(settings, control, reactor, config.state.timeout)
     settings.address_limiter.on_record = lambda key: control.report("address", key)
     settings.user_limiter.on_record = lambda key: control.report("user", key)
     reactor.adoptStreamConnection(args.control, socket.AF_UNIX,

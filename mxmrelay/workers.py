@@ -34,6 +34,7 @@ from mxmrelay import health
 from mxmrelay.auth import FailureLimiter
 from mxmrelay.config import Config, ConfigError, Listener
 from mxmrelay.endpoints import LISTEN_BACKLOG, split_endpoint, without_proxy
+from mxmrelay.supervised_state import ASK, SupervisorCounters
 
 log = Logger(namespace="mxmrelay.workers")
 
@@ -102,8 +103,14 @@ class SupervisorControl(LineOnlyReceiver):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.supervisor.channels.discard(self)
+        self.supervisor.counters.forget(self)
 
     def lineReceived(self, line: bytes) -> None:
+        if line.startswith(ASK):  # the limits' counters (without Redis)
+            answer = self.supervisor.counters.answer(self, line)
+            if answer is not None:
+                self.sendLine(answer)
+            return
         try:
             verb, kind, key = json.loads(line)
         except (ValueError, TypeError):
@@ -144,6 +151,8 @@ class Supervisor(Service):
             "address": FailureLimiter(clock, a.max_failures_per_address, a.window),
             "user": FailureLimiter(clock, a.max_failures_per_user, a.window),
         }
+        #: The sending limits' counters, for every worker (without Redis).
+        self.counters = SupervisorCounters(clock)
         self.sockets = [(listener.role, *bind(listener)) for listener in config.listeners]
         self.channels: set[SupervisorControl] = set()
         self.workers: dict[int, _Worker] = {}
