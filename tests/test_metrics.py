@@ -18,6 +18,8 @@ from prometheus_client import REGISTRY
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial import unittest
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from mxmrelay import metrics
 from mxmrelay.check import check
@@ -102,14 +104,15 @@ class Scrape(unittest.TestCase):
         old = relay.pids()[0]
         os.kill(old, signal.SIGKILL)
         await relay.until(lambda: relay.pids().get(0) not in (None, old), "a new worker 0")
-        after: dict[Any, float] = {}
-
-        async def settled() -> bool:
-            after.update(await relay.scrape())
-            return value(after, "mxmrelay_processes_serving") == 2
-
-        await self._poll(settled)
-        self.assertEqual(value(after, "mxmrelay_sends_total", result="forwarded"), 4)
+        # The new worker 0 serves (it alone can accept) ...
+        relay.only(0)
+        self.assertEqual((await relay.sent())[:3], "250")
+        for pid in relay.pids().values():
+            os.kill(pid, signal.SIGCONT)
+        after = await relay.scrape()
+        # ... and the dead one is no longer counted as serving.
+        self.assertEqual(value(after, "mxmrelay_processes_serving"), 2)
+        self.assertEqual(value(after, "mxmrelay_sends_total", result="forwarded"), 5)
         self.assertEqual(value(after, "mxmrelay_connections_open"), 0)
 
     async def _poll(self, check: Any, deadline: float = 20) -> None:
@@ -374,3 +377,48 @@ class CacheCounts(unittest.TestCase):
         after = {r: count(r) - before[r] for r in before}
         self.assertEqual(after, {"hit": 1, "negative_hit": 1, "miss": 4, "stale": 1,
                                  "failed": 1})
+
+
+class _Answer(Resource):
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.code = 200
+        self.seen: list[tuple[bytes, bytes | None]] = []
+
+    def render(self, request: Any) -> bytes:
+        self.seen.append((request.method, request.getHeader(b"authorization")))
+        request.setResponseCode(self.code)
+        return b""
+
+
+class Probe(unittest.TestCase):
+    """The readiness probe against a real HTTP server on loopback."""
+
+    async def test_answers(self) -> None:
+        from twisted.internet import reactor
+
+        from mxmrelay.forwarder import Forwarder
+
+        answer = _Answer()
+        site: Any = Site(answer)
+        port: Any = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        url = f"http://127.0.0.1:{port.getHost().port}/v1/sends"
+        forwarder = Forwarder(reactor, url, "tok", 5)
+        forwarder.pool.persistent = False
+        self.addCleanup(forwarder.close)
+        results = {}
+        for code in (200, 405, 404, 401, 403, 500, 503):
+            answer.code = code
+            results[code] = await forwarder.probe()
+        self.assertEqual(results, {
+            200: None, 405: None, 404: None,
+            401: "delivery API rejects the relay's token (401)",
+            403: "delivery API rejects the relay's token (403)",
+            500: "delivery API answered 500", 503: "delivery API answered 503"})
+        self.assertEqual(set(answer.seen), {(b"HEAD", b"Bearer tok")})
+        await port.stopListening()
+        reason = await forwarder.probe()
+        self.assertTrue((reason or "").startswith("delivery API unreachable: "), reason)
