@@ -422,3 +422,76 @@ class Probe(unittest.TestCase):
         await port.stopListening()
         reason = await forwarder.probe()
         self.assertTrue((reason or "").startswith("delivery API unreachable: "), reason)
+
+
+class StartUp(unittest.TestCase):
+    timeout = 60
+
+    async def test_metrics_port_in_use_is_one_line(self) -> None:
+        import socket
+
+        relay = Relay(self)
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", relay.metrics_port))
+        taken.listen(1)
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        relay.process = reactor_spawn(relay, env)
+        await relay.out.ended
+        self.assertIn(f"mxmrelay: cannot start: metrics.endpoint tcp:{relay.metrics_port}:"
+                      "interface=127.0.0.1: address already in use", relay.out.text)
+        self.assertNotIn("Traceback", relay.out.text)
+
+
+def reactor_spawn(relay: Relay, env: dict[str, str]) -> Any:
+    from twisted.internet import reactor
+
+    from tests.metrics_support import TWISTD
+
+    return reactor.spawnProcess(
+        relay.out, str(TWISTD), [str(TWISTD), "-n", "--pidfile=", "mxmrelay", "--config",
+                                 str(relay.config)], env=env, path=str(relay.folder))
+
+
+class DevConfig(unittest.TestCase):
+    """``make run PORTS=...``: a fifth port moves the metrics listener."""
+
+    timeout = 60
+
+    async def test_fifth_port(self) -> None:
+        import shutil
+        import sys
+
+        from twisted.internet import reactor
+        from twisted.internet.utils import getProcessOutputAndValue
+
+        make = shutil.which("make")
+        if make is None:
+            raise unittest.SkipTest("make is not installed")
+        root = Path(__file__).resolve().parent.parent
+        folder = Path(self.mktemp()).resolve()
+        folder.mkdir(parents=True)
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEFILES")}
+        endpoints = []
+        for ports in ("3525,3587,3465,3025,3125", "3525,3587,3465,3025"):
+            out, err, code = await getProcessOutputAndValue(
+                make, ["-s", "--no-print-directory", f"PYTHON={sys.executable}", "dev-config",
+                       f"PORTS={ports}", f"DEV_CONFIG={folder / 'dev.toml'}",
+                       f"REFAPI_CONFIG={folder / 'refapi.toml'}"],
+                env=env, path=str(root), reactor=reactor)
+            self.assertEqual(code, 0, out + err)
+            config = Config.from_file(folder / "dev.toml")
+            assert config.metrics is not None
+            endpoints.append(config.metrics.endpoint)
+        self.assertEqual(endpoints, ["tcp:3125:interface=127.0.0.1",
+                                     "tcp:9125:interface=127.0.0.1"])
+        original = Config.from_file(root / "etc" / "mxmrelay.dev.toml")
+        assert original.metrics is not None
+        self.assertEqual(original.metrics.endpoint, "tcp:9125:interface=127.0.0.1")
+        out, err, code = await getProcessOutputAndValue(
+            make, ["-s", "--no-print-directory", f"PYTHON={sys.executable}", "dev-config",
+                   "PORTS=3525,3587,3465,3025,3025", f"DEV_CONFIG={folder / 'x.toml'}"],
+            env=env, path=str(root), reactor=reactor)
+        self.assertNotEqual(code, 0)
+        self.assertIn(b"want four different ports", out + err)
