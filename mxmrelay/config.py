@@ -32,7 +32,7 @@ role (both plain, then STARTTLS, which is required), ``smtps`` the 465 role
 TOP_KEYS = ("hostname", "directory", "bounce_address", "max_message_size", "max_recipients",
             "idle_timeout", "max_connections_per_address", "spool_memory", "workers",
             "tls", "listener", "delivery_api", "auth", "metrics", "log_format",
-            "limits", "state")
+            "limits", "state", "reload_poll")
 TLS_KEYS = ("certificate", "private_key")
 LISTENER_KEYS = ("role", "endpoint")
 DELIVERY_KEYS = ("url", "token", "timeout", "ca_file")
@@ -176,6 +176,9 @@ class Config:
     spool_memory: int = 512 * 1024
     #: Relay processes sharing the listening sockets (see mxmrelay/workers.py).
     workers: int = 1
+    #: Seconds between looks at the directory file and the certificate and
+    #: key for a change, which then reloads them (mxmrelay/reload.py); 0: never.
+    reload_poll: float = 0.0
     #: The file it was read from, as given: start-up errors name it.
     source: str = "config"
     #: ``[metrics]``: the operator's listener; None: none.
@@ -270,6 +273,7 @@ def _parse(r: _Reader) -> Config:
         max_connections_per_address=r.integer("max_connections_per_address", 100, low=1),
         spool_memory=r.integer("spool_memory", 512 * 1024, low=1),
         workers=r.workers(),
+        reload_poll=r.number("reload_poll", 0.0, low=0, high=3600),
         source=r.where,
         metrics=opsconfig.metrics(r),
         log_format=opsconfig.log_format(r),

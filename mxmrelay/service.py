@@ -26,7 +26,7 @@ from mxmrelay.directory import IDirectory, TomlDirectory
 from mxmrelay.endpoints import with_backlog
 from mxmrelay.forwarder import Forwarder
 from mxmrelay.platform_directory import PlatformDirectory
-from mxmrelay.reload import OnSignal, ReloadableDirectory, Reloader
+from mxmrelay.reload import ReloadableDirectory, Reloader, hooks
 from mxmrelay.smtp import Settings, SMTPFactory
 from mxmrelay.tls import ImplicitTLSFactory, ReloadableTLS, server_context
 
@@ -143,7 +143,8 @@ def make_service(config: Config, reactor: Any, directory: IDirectory | None = No
     """Build the relay: its forwarder, factories and listeners."""
     top = InOrder()
     relay = relay_service(config, reactor, top, directory)
-    OnSignal(reactor, relay.reloader.reload).setServiceParent(top)
+    for hook in hooks(reactor, relay.reloader, config.reload_poll):
+        hook.setServiceParent(top)
     for listener in config.listeners:
         factory = relay.factory(listener.role, listener.endpoint.startswith("haproxy:"))
         strports.service(with_backlog(listener.endpoint), factory,

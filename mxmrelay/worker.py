@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
 
     reactor: Any = _reactor
 
-    from mxmrelay.reload import OnSignal
+    from mxmrelay.reload import hooks
     from mxmrelay.service import InOrder, relay_service
 
     index = args.index
@@ -99,8 +99,10 @@ def main(argv: list[str] | None = None) -> None:
     control = WorkerControl({"address": settings.address_limiter, "user": settings.user_limiter},
                        reactor, relay.reloader.reload)
     # A SIGHUP sent to the worker itself (to the whole process group, say)
-    # reloads it too, rather than ending it.
-    OnSignal(reactor, relay.reloader.reload).setServiceParent(top)
+    # reloads it too, rather than ending it; each worker watches the files
+    # itself when reload_poll asks for it.
+    for hook in hooks(reactor, relay.reloader, config.reload_poll):
+        hook.setServiceParent(top)
     if config.state.redis is None:
         from mxmrelay.supervised_state import attach
 

@@ -65,6 +65,31 @@ def replace(path: Path, text: str | bytes) -> None:
     os.replace(tmp, path)
 
 
+class ConfigMap:
+    """A folder as Kubernetes mounts a ConfigMap: ``directory.toml`` is a
+    symlink to ``..data/directory.toml``, ``..data`` a symlink to the
+    current version's folder; an update writes a new version and swaps
+    ``..data`` in one rename.  The files themselves never change."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.version = 0
+        folder.mkdir(parents=True)
+
+    def publish(self, text: str) -> Path:
+        self.version += 1
+        version = self.folder / f"..v{self.version}"
+        version.mkdir()
+        (version / "directory.toml").write_text(text)
+        link = self.folder / "..data_tmp"
+        link.symlink_to(version.name)
+        os.replace(link, self.folder / "..data")
+        path = self.folder / "directory.toml"
+        if not path.is_symlink():
+            path.symlink_to("..data/directory.toml")
+        return path
+
+
 class Process(ProcessProtocol):
     def __init__(self) -> None:
         self.data = b""
@@ -107,14 +132,18 @@ class RelayProcess:
     """``twistd -n mxmrelay`` with a submission and an smtps listener."""
 
     def __init__(self, testcase: unittest.TestCase, users: dict[str, str],
-                 workers: int = 1) -> None:
+                 workers: int = 1, reload_poll: float = 0, configmap: bool = False) -> None:
         self.testcase = testcase
         self.folder = Path(testcase.mktemp()).resolve()
         self.folder.mkdir(parents=True)
         self.api = API(testcase, self.folder)
         self.cert, self.key = make_certificate(self.folder / "tls")
-        self.directory = self.folder / "directory.toml"
-        self.directory.write_text(directory_toml(users))
+        self.configmap = ConfigMap(self.folder / "cm")
+        if configmap:
+            self.directory = self.configmap.publish(directory_toml(users))
+        else:
+            self.directory = self.folder / "directory.toml"
+            self.directory.write_text(directory_toml(users))
         self.ports = {"submission": free_port(), "smtps": free_port()}
         self.workers = workers
         listeners = "".join(
@@ -123,9 +152,10 @@ class RelayProcess:
         self.config = self.folder / "relay.toml"
         self.config.write_text(f"""
 hostname = "relay.test"
-directory = "directory.toml"
+directory = "{self.directory}"
 bounce_address = "bounce+{{id}}@bounces.test"
 workers = {workers}
+reload_poll = {reload_poll}
 [tls]
 certificate = "{self.cert}"
 private_key = "{self.key}"
@@ -243,10 +273,10 @@ class DirectoryReload(unittest.TestCase):
                       relay.out.text)
         # The old password is refused at once, cache or not.
         self.assertEqual(await in_thread(relay.login, "demo@example.com", "old-password"), "535")
-        self.assertTrue((await in_thread(relay.send, "demo@example.com", "new-password"))
-                        .startswith("250 2.0.0"))
-        self.assertTrue((await in_thread(relay.send, "new@example.com", "new-user"))
-                        .startswith("250 2.0.0"))
+        for user, password in (("demo@example.com", "new-password"),
+                               ("new@example.com", "new-user")):
+            answer = await in_thread(relay.send, user, password)
+            self.assertTrue(answer.startswith("250 2.0.0"), answer)
         # A removed user cannot log in any more...
         self.assertEqual(await in_thread(relay.login, "ops@acme.test", "ops-password"), "535")
         # ...but the session it opened before the reload is not disturbed.
@@ -312,6 +342,24 @@ class SystemctlReload(unittest.TestCase):
         self.assertNotIn("reload failed", relay.out.text)
         self.assertEqual(await in_thread(relay.login, "demo@example.com", "third-password"),
                          "235")
+
+
+class WatchedFiles(unittest.TestCase):
+    """``reload_poll``: a replaced ConfigMap is loaded with no signal."""
+
+    timeout = 120
+
+    async def test_a_configmap_update_is_loaded(self) -> None:
+        relay = RelayProcess(self, {"demo@example.com": "old-password"}, reload_poll=0.1,
+                             configmap=True)
+        await relay.started()
+        self.assertEqual(await in_thread(relay.login, "demo@example.com", "old-password"), "235")
+        relay.configmap.publish(
+            directory_toml({"demo@example.com": "new-password"}))
+        await relay.until(lambda: "reload ok: directory" in relay.out.text)
+        self.assertIn("reload: a watched file changed", relay.out.text)
+        self.assertEqual(await in_thread(relay.login, "demo@example.com", "old-password"), "535")
+        self.assertEqual(await in_thread(relay.login, "demo@example.com", "new-password"), "235")
 
 
 class CertificateReload(unittest.TestCase):

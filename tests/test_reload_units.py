@@ -26,12 +26,19 @@ from mxmrelay.auth import CredentialCache, DirectoryChecker
 from mxmrelay.check import check
 from mxmrelay.config import Config
 from mxmrelay.directory import CustomerSpace, TomlDirectory, User
-from mxmrelay.reload import OnSignal, ReloadableDirectory, Reloader, ask_to_reload
+from mxmrelay.reload import (
+    OnSignal,
+    ReloadableDirectory,
+    Reloader,
+    Watcher,
+    ask_to_reload,
+    hooks,
+)
 from mxmrelay.tls import ReloadableTLS, server_context
 from mxmrelay.worker import WorkerControl
 from mxmrelay.workers import Supervisor, SupervisorControl
 from tests.support import make_certificate
-from tests.test_reload import directory_toml, replace
+from tests.test_reload import ConfigMap, directory_toml, replace
 
 
 def inline(f: Any, *args: Any) -> Deferred[Any]:
@@ -287,3 +294,86 @@ class AskToReload(unittest.TestCase):
         out = io.StringIO()
         self.assertEqual(ask_to_reload(beyond, out), 1)
         self.assertEqual(out.getvalue(), f"mxmrelay-check: --reload {beyond}: No such process\n")
+
+
+class Watching(unittest.TestCase):
+    """``reload_poll``: a change on disk reloads, on a Clock."""
+
+    def watcher(self, s: Setup) -> Watcher:
+        watcher = Watcher(s.clock, s.reloader, 5.0)
+        watcher.startService()
+        self.addCleanup(watcher.stopService)
+        return watcher
+
+    def test_a_change_reloads_once_it_stands_still(self) -> None:
+        s = Setup(self, {"demo@example.com": "one"})
+        first = s.directory.current
+        self.watcher(s)
+        with capturedLogs() as events:
+            s.clock.advance(5)
+            self.assertIs(s.directory.current, first)  # nothing changed
+            replace(s.directory_file, directory_toml({"demo@example.com": "two"}))
+            s.clock.advance(5)
+            self.assertIs(s.directory.current, first)  # seen once: maybe half-written
+            s.clock.advance(5)
+            self.assertIsNot(s.directory.current, first)
+            second = s.directory.current
+            s.clock.advance(50)
+            self.assertIs(s.directory.current, second)  # no change, no reload
+        self.assertEqual(sum("a watched file changed" in e["log_format"] for e in events), 1)
+
+    def test_a_broken_file_is_tried_once_per_change(self) -> None:
+        s = Setup(self, {"demo@example.com": "one"})
+        first = s.directory.current
+        self.watcher(s)
+        with capturedLogs() as events:
+            replace(s.directory_file, "nonsense = [")
+            s.clock.pump([5] * 10)
+        failed = [e for e in events if e.get("what") == "directory"]
+        self.assertEqual(len(failed), 1)
+        self.assertIs(s.directory.current, first)
+        with capturedLogs():
+            replace(s.directory_file, directory_toml({"demo@example.com": "two"}))
+            s.clock.pump([5, 5])
+        self.assertIsNot(s.directory.current, first)
+
+    def test_a_configmap_swap(self) -> None:
+        """The files never change: a symlink comes to lead elsewhere."""
+        s = Setup(self, {"demo@example.com": "one"})
+        configmap = ConfigMap(s.folder / "cm")
+        path = configmap.publish(directory_toml({"demo@example.com": "one"}))
+        reloadable = ReloadableDirectory(path, TomlDirectory.from_file(path))
+        config = Config.from_dict({**_data(s), "directory": str(path)}, s.folder, "relay.toml")
+        reloader = Reloader(config, s.tls, reloadable, s.cache)
+        watcher = Watcher(s.clock, reloader, 5.0)
+        watcher.startService()
+        self.addCleanup(watcher.stopService)
+        first = reloadable.current
+        configmap.publish(directory_toml({"demo@example.com": "two", "new@acme.test": "x"}))
+        with capturedLogs():
+            s.clock.pump([5, 5])
+        self.assertIsNot(reloadable.current, first)
+        self.assertIn("new@acme.test", reloadable.current.users)
+
+    def test_the_certificate_is_watched_too(self) -> None:
+        s = Setup(self, {"demo@example.com": "one"})
+        old = s.tls.options
+        self.watcher(s)
+        new_cert, new_key = make_certificate(s.folder / "new")
+        replace(s.key, new_key.read_bytes())
+        replace(s.cert, new_cert.read_bytes())
+        with capturedLogs():
+            s.clock.pump([5, 5])
+        self.assertIsNot(s.tls.options, old)
+
+    def test_off_by_default(self) -> None:
+        s = Setup(self, {"demo@example.com": "one"})
+        self.assertEqual(s.config.reload_poll, 0)
+        self.assertEqual([type(h) for h in hooks(s.clock, s.reloader, 0)], [OnSignal])
+        self.assertEqual([type(h) for h in hooks(s.clock, s.reloader, 5)], [OnSignal, Watcher])
+
+
+def _data(s: Setup) -> dict[str, Any]:
+    import tomllib
+
+    return tomllib.loads(s.config_file.read_text())
