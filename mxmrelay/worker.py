@@ -65,6 +65,13 @@ class WorkerControl(LineOnlyReceiver):
         self.sendLine(json.dumps(["fail", kind, key]).encode())
 
 
+def tagged(text: str | None, index: int) -> str | None:
+    """A classic log line with the worker's number after the namespace
+    (``[mxmrelay.smtp#warn] [worker 0] auth failure ...``: the fail2ban
+    filter allows for it)."""
+    return text and text.replace("] ", f"] [worker {index}] ", 1)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mxmrelay.worker")
     parser.add_argument("config")
@@ -83,8 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     index = args.index
 
     def fmt(event: dict[str, Any]) -> str | None:
-        text = formatEventAsClassicLogText(event)
-        return text and text.replace("] ", f"] [worker {index}] ", 1)
+        return tagged(formatEventAsClassicLogText(event), index)
 
     config = Config.from_file(Path(args.config))
     observer: Any = FileLogObserver(sys.stdout, fmt)

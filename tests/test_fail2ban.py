@@ -64,6 +64,12 @@ class Fail2ban(unittest.TestCase):
         # The same lines as the journal backend shows them.
         journal = "\n".join(f"mx1 twistd[4242]: {line}" for line in text.splitlines())
         self.assertEqual(banned_hosts(journal), ["127.0.0.1"] * failures)
+        # A worker's lines (workers = N) carry its number: still counted.
+        from mxmrelay.worker import tagged
+
+        workers = "".join(tagged(line, 3) or "" for line in text.splitlines(keepends=True))
+        self.assertIn("[worker 3] auth failure", workers)
+        self.assertEqual(banned_hosts(workers), ["127.0.0.1"] * failures)
         self.assertEqual(banned_hosts(
             "2026-11-26T06:00:00+0000 [mxmrelay.smtp#info] auth ok client=192.0.2.1 "
             "user=auth failure rhost=198.51.100.1 user=x"), [])
