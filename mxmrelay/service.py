@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
@@ -17,7 +16,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from mxmrelay import health
+from mxmrelay import health, proxy
 from mxmrelay import limiter as limits
 from mxmrelay.auth import CredentialCache, DirectoryChecker
 from mxmrelay.config import Config
@@ -147,7 +146,7 @@ def make_service(config: Config, reactor: Any, directory: IDirectory | None = No
         hook.setServiceParent(top)
     for listener in config.listeners:
         factory = relay.factory(listener.role, listener.endpoint.startswith("haproxy:"))
-        strports.service(with_backlog(listener.endpoint), factory,
+        proxy.service(with_backlog(listener.endpoint), factory,
                          reactor=reactor).setServiceParent(top)
     added = list(top)[-len(config.listeners):]
     for i, (listener, service) in enumerate(zip(config.listeners, added, strict=True)):

@@ -18,10 +18,10 @@ from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import FileLogObserver, formatEventAsClassicLogText, globalLogBeginner
 from twisted.protocols.basic import LineOnlyReceiver
-from twisted.protocols.haproxy import proxyEndpoint
 from twisted.python.failure import Failure
 
 from mxmrelay.config import Config
+from mxmrelay.proxy import HeaderFirstEndpoint
 
 
 class WorkerControl(LineOnlyReceiver):
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         probe.detach()  # only looked at: the fd stays open for the port
         endpoint: Any = AdoptedStreamServerEndpoint(reactor, fd, family)
         if haproxy == "1":
-            endpoint = proxyEndpoint(endpoint)
+            endpoint = HeaderFirstEndpoint(endpoint, reactor)
         endpoint.listen(relay.factory(role, haproxy == "1"))
     from mxmrelay.health import add_serving
 
