@@ -10,7 +10,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from mxmrelay import config as cfg
-from mxmrelay import opsconfig
+from mxmrelay import limits_keys, opsconfig
 from mxmrelay.config import Config, ConfigError
 from mxmrelay.directory import InvalidDirectory, TomlDirectory
 from tests.test_check import good_config
@@ -20,7 +20,8 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 #: The keys of each table, as the configuration module knows them.
 TABLES = {"": cfg.TOP_KEYS, "tls": cfg.TLS_KEYS, "listener": cfg.LISTENER_KEYS,
           "delivery_api": cfg.DELIVERY_KEYS, "auth": cfg.AUTH_KEYS,
-          "directory": cfg.DIRECTORY_KEYS, "metrics": opsconfig.METRICS_KEYS}
+          "directory": cfg.DIRECTORY_KEYS, "metrics": opsconfig.METRICS_KEYS,
+          "limits": limits_keys.LIMITS_KEYS, "state": limits_keys.STATE_KEYS}
 
 
 def reference_rows() -> list[tuple[str, list[str], str]]:
@@ -59,6 +60,7 @@ class Reference(SynchronousTestCase):
         folder = self.folder()
         good = good_config(folder)
         good["auth"] = {}
+        good["limits"], good["state"] = {}, {}
         good["metrics"] = {"endpoint": "tcp:9125"}
         good["directory"] = {"url": "http://127.0.0.1:1/v1/smtp-users", "token": "t"}
         limited = [(t, keys[0], limits) for t, keys, limits in reference_rows() if limits]
