@@ -73,6 +73,9 @@ class Readiness:
     window: float
     _probe_ok: float | None = None
     _probing: list[Deferred[str | None]] | None = None
+    #: Said after "ready" without making it 503: the limits' Redis is not
+    #: answering (mail flows, each relay counting alone).
+    note: Callable[[], str | None] = lambda: None
 
     def check(self) -> Deferred[str | None]:
         if not self.serving():
@@ -149,7 +152,9 @@ class ReadyPage(Resource):
             request.setHeader(b"Cache-Control", b"no-store")
             if reason is not None:
                 request.setResponseCode(503)
-            body = b"ready\n" if reason is None else f"not ready: {reason}\n".encode()
+            note = self.readiness.note() if reason is None else None
+            body = (f"ready: {note}\n" if note else "ready\n" if reason is None
+                    else f"not ready: {reason}\n").encode()
             if not request.finished and not getattr(request, "_disconnected", False):
                 if request.method != b"HEAD":
                     request.write(body)
@@ -220,7 +225,9 @@ def add_listener(config: Config, reactor: Any, parent: Any) -> None:
         serving=lambda: (sample("mxmrelay_processes_serving") or 0) >= 1,
         last_answer=lambda: sample("mxmrelay_delivery_api_last_answer_timestamp_seconds"),
         probe=prober.probe,
-        window=config.metrics.api_answered_within)
+        window=config.metrics.api_answered_within,
+        note=lambda: ("limits counted by each relay alone: redis unreachable"
+                      if sample("mxmrelay_state_shared") == 0 else None))
     service = strports.service(config.metrics.endpoint, site(lambda: registry_for(path),
                                                              readiness), reactor=reactor)
     service.setServiceParent(parent)
