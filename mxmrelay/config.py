@@ -35,7 +35,7 @@ TOP_KEYS = ("hostname", "directory", "bounce_address", "max_message_size", "max_
             "limits", "state", "reload_poll")
 TLS_KEYS = ("certificate", "private_key")
 LISTENER_KEYS = ("role", "endpoint")
-DELIVERY_KEYS = ("url", "token", "timeout", "ca_file")
+DELIVERY_KEYS = ("url", "token", "timeout", "ca_file", "refusals_url")
 #: ``[directory]``: ``file``, or ``url`` and the keys after it.
 DIRECTORY_KEYS = ("file", "url", "token", "timeout", "ca_file", "ttl", "negative_ttl",
                   "stale_ttl", "cache_entries")
@@ -135,6 +135,9 @@ class DeliveryAPIConfig:
     timeout: float = 30.0
     #: A PEM file of CA certificates for a private PKI; the system store otherwise.
     ca_file: Path | None = None
+    #: Where refusal records are POSTed (mxmrelay/refusals.py): None for
+    #: beside ``url``'s ``/sends``, "" for nowhere.
+    refusals_url: str | None = None
 
 
 @attrs.frozen
@@ -247,6 +250,7 @@ def _parse(r: _Reader) -> Config:
             token=d.string("token"),
             timeout=d.number("timeout", 30.0, low=0.1, high=600),
             ca_file=d.path("ca_file") if "ca_file" in d.data else None,
+            refusals_url=_refusals_url(d),
         )
     auth = AuthConfig()
     a = r.section("auth", AUTH_KEYS) if "auth" in data else None
@@ -430,3 +434,14 @@ def _within(value: float, low: float, high: float | None) -> bool:
 
 def _limits(low: float, high: float | None) -> str:
     return f"of at least {low}" if high is None else f"from {low} to {high}"
+
+
+def _refusals_url(d: Any) -> str | None:
+    """``[delivery_api] refusals_url``: an http(s) URL, or "" for none."""
+    if "refusals_url" not in d.data:
+        return None
+    value = d.data["refusals_url"]
+    if not isinstance(value, str) or (value and not value.startswith(("https://", "http://"))):
+        d.problem("refusals_url", 'must be an http:// or https:// URL, or "" for none')
+        return None
+    return str(value)

@@ -13,7 +13,7 @@ import datetime
 import hashlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -23,11 +23,12 @@ from twisted.mail.smtp import IMessageDelivery
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mxmrelay import metrics, rules
+from mxmrelay import metrics, refusals, rules
 from mxmrelay.connection import ConnectionInfo
 from mxmrelay.datareader import IBulkMessage
 from mxmrelay.directory import User
 from mxmrelay.envelope import MAX_PATH
+from mxmrelay.explain import Queued, decision_lines
 from mxmrelay.forwarder import Forwarder
 from mxmrelay.reply import Reply, quote
 from mxmrelay.limiter import Limiter, Reservation
@@ -87,6 +88,8 @@ class Outbound:
 
     #: The sending limits (None: none, as in tests that build no relay).
     limiter: Limiter | None = None
+    #: Where refusals after AUTH are reported (None: nowhere but the logs).
+    refusals: refusals.RefusalQueue | None = None
 
 @implementer(IRealm)
 @attrs.frozen
@@ -149,6 +152,18 @@ class CustomerDelivery:
             free()
         self._recipients: list[str] = []
 
+    def report_refusal(self, reply: Reply, mail_from: str, recipients: Sequence[str],
+                       header_section: bytes | None, *, data: bool) -> None:
+        """A transaction of this session was refused: the customer's to see
+        (see mxmrelay/refusals.py), if the reply is one they should."""
+        queue = self.outbound.refusals
+        if queue is None or not refusals.reportable(reply, data=data):
+            return
+        queue.add(refusals.record(
+            when=time.time(), space=self.user.customer.id, user=self.user.email,
+            sandbox=self.user.sandbox, connection=self.connection, mail_from=mail_from,
+            recipients=recipients, reply=reply, header_section=header_section))
+
     def receivedHeader(self, helo: Any, origin: Any, recipients: Any) -> bytes:
         return received_header(
             helo=self.connection.helo or "unknown", client_address=self.connection.client,
@@ -207,8 +222,14 @@ class RelayMessage:
     def connectionLost(self) -> None:
         self.spool.close()
 
-    def eomReceived(self) -> Deferred[str]:
-        """Rule the message, then forward it; fires with the API's id."""
+    @property
+    def header_section(self) -> bytes | None:
+        """The header section, once the whole of it has come."""
+        return self.spool.header_section if self.spool.body_offset is not None else None
+
+    def eomReceived(self) -> Deferred[Queued]:
+        """Rule the message, then forward it; fires with the API's id and
+        the lines that explain the rules' decision (:mod:`mxmrelay.explain`)."""
         space = self.delivery.user.customer.id
         try:
             d = self._send()
@@ -231,7 +252,7 @@ class RelayMessage:
         self.spool.close()
         return result
 
-    def _send(self) -> Deferred[str]:
+    def _send(self) -> Deferred[Queued]:
         delivery, connection, spool = self.delivery, self.delivery.connection, self.spool
         space = delivery.user.customer
         send_id = new_send_id()
@@ -258,5 +279,17 @@ class RelayMessage:
                        "listener": connection.listener},
             "message_id": outcome.message_id,
         }
-        key = idempotency_key(space.id, self.envelope, head, spool.body_digest())
-        return delivery.outbound.forwarder.forward(metadata, key, outcome.headers, spool.body())
+        submitted = None
+        if delivery.user.sandbox:
+            # Stored and shown, never delivered: the platform shows the
+            # headers as the client wrote them beside the final message.
+            metadata["sandbox"] = True
+            submitted = head
+        lines = decision_lines(outcome, self.envelope.mail_from, sandbox=delivery.user.sandbox)
+        explained = tuple(lines) if space.explain else ()
+        # A sandbox send never stands for a real one: its key differs.
+        key = idempotency_key(space.id + ("\0sandbox" if submitted is not None else ""),
+                              self.envelope, head, spool.body_digest())
+        d = delivery.outbound.forwarder.forward(metadata, key, outcome.headers, spool.body(),
+                                                submitted_headers=submitted)
+        return d.addCallback(lambda send_id: Queued(send_id, explained))

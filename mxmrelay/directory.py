@@ -25,8 +25,8 @@ MAX_FLAGS = 15
 
 #: The keys of a ``[[customer]]`` and of a ``[[user]]``; anything else is refused.
 CUSTOMER_KEYS = ("id", "name", "domains", "flags", "from_flags", "allow_subdomains",
-                 *limits_keys.SPACE_KEYS)
-USER_KEYS = ("email", "password", "customer", "allowed_networks")
+                 "explain", *limits_keys.SPACE_KEYS)
+USER_KEYS = ("email", "password", "customer", "allowed_networks", "sandbox")
 
 
 @attrs.frozen
@@ -45,6 +45,9 @@ class CustomerSpace:
     allow_subdomains: bool = False
     #: Sending limits this space sets over the configuration's defaults.
     limits: Overrides = NO_OVERRIDES
+    #: Whether the reply to DATA states what the rules decided (lines
+    #: before the ``250 ... queued as <id>``; see mxmrelay/explain.py).
+    explain: bool = True
 
     def owns(self, address: str) -> bool:
         """Is the domain of ``address`` one this space may send from?"""
@@ -72,6 +75,8 @@ class User:
     customer: CustomerSpace
     #: The networks this user may log in from (over the space's); None: the space's.
     allowed_networks: tuple[Network, ...] | None = None
+    #: A sandbox credential: its sends are stored and shown, never delivered.
+    sandbox: bool = False
 
 
 class DirectoryError(Exception):
@@ -207,6 +212,7 @@ class _Check:
         if not isinstance(allow_sub, bool):
             self.bad(f"{key}.allow_subdomains", "must be true or false")
         overrides = limits_keys.overrides(c, lambda k, why: self.bad(f"{key}.{k}", why))
+        explain = self.boolean(c, "explain", key, True)
         if cid is None or cid in spaces:
             return None
         return CustomerSpace(
@@ -217,6 +223,7 @@ class _Check:
             from_flags=from_flags,
             allow_subdomains=bool(allow_sub),
             limits=overrides,
+            explain=explain,
         )
 
     def user(self, u: Mapping[str, Any], key: str, spaces: Mapping[str, CustomerSpace],
@@ -238,9 +245,18 @@ class _Check:
         if name is not None and space is None:
             self.bad(f"{key}.customer", "names no customer space in this file")
         networks = limits_keys.networks(u, lambda k, why: self.bad(f"{key}.{k}", why))
+        sandbox = self.boolean(u, "sandbox", key, False)
         if email is None or pw is None or space is None:
             return None
-        return User(email=email, password_hash=pw, customer=space, allowed_networks=networks)
+        return User(email=email, password_hash=pw, customer=space, allowed_networks=networks,
+                    sandbox=sandbox)
+
+    def boolean(self, table: Mapping[str, Any], name: str, prefix: str, default: bool) -> bool:
+        value = table.get(name, default)
+        if not isinstance(value, bool):
+            self.bad(f"{prefix}.{name}", "must be true or false")
+            return default
+        return value
 
 
 def space_from_dict(data: Mapping[str, Any], where: str) -> CustomerSpace:

@@ -192,8 +192,8 @@ class MultipartProducer(PartsProducer):
     the rewritten header section from memory and the body from the spool."""
 
     def __init__(self, metadata: bytes, head: bytes, body: IO[bytes], *,
-                 cooperate: Callable[[Iterator[None]], CooperativeTask[Any]] = task.cooperate
-                 ) -> None:
+                 cooperate: Callable[[Iterator[None]], CooperativeTask[Any]] = task.cooperate,
+                 submitted_headers: bytes | None = None) -> None:
         self.boundary = os.urandom(16).hex()
         b = self.boundary.encode()
         pre = (
@@ -202,7 +202,13 @@ class MultipartProducer(PartsProducer):
             b'\r\nContent-Disposition: form-data; name="message"\r\n'
             b"Content-Type: message/rfc822\r\n\r\n"
         )
-        super().__init__([pre, head, body, b"\r\n--" + b + b"--\r\n"], cooperate=cooperate)
+        # A sandbox send carries a third part: the header section as the
+        # client submitted it, for the reports to show beside the result.
+        extra = b"" if submitted_headers is None else (
+            b"\r\n--" + b + b'\r\nContent-Disposition: form-data; name="submitted_headers"\r\n'
+            b"Content-Type: text/rfc822-headers\r\n\r\n" + submitted_headers)
+        super().__init__([pre, head, body, extra, b"\r\n--" + b + b"--\r\n"],
+                         cooperate=cooperate)
 
     @property
     def content_type(self) -> bytes:
@@ -235,12 +241,13 @@ class Forwarder:
         return d
 
     def forward(self, metadata: Mapping[str, Any], idempotency_key: str, head: bytes,
-                body: IO[bytes]) -> Deferred[str]:
+                body: IO[bytes], *, submitted_headers: bytes | None = None) -> Deferred[str]:
         """Send one message; fire with the id the API holds it under, or
         fail with the :class:`Reply` to give the client."""
         metrics.SENDS_IN_FLIGHT.inc()
         started = self.reactor.seconds()
-        d = Deferred.fromCoroutine(self._post(metadata, idempotency_key, head, body))
+        d = Deferred.fromCoroutine(self._post(metadata, idempotency_key, head, body,
+                                              submitted_headers))
         # Called only when the deadline fired, whatever the cancellation
         # failed with: once a request is sent, Agent reports a cancel as
         # ResponseNeverReceived, not CancelledError.
@@ -281,8 +288,9 @@ class Forwarder:
         raise Reply(451, "4.4.2", "Delivery API timed out, try again later")
 
     async def _post(self, metadata: Mapping[str, Any], key: str, head: bytes,
-                    body: IO[bytes]) -> str:
-        producer = MultipartProducer(json.dumps(metadata).encode(), head, body)
+                    body: IO[bytes], submitted_headers: bytes | None = None) -> str:
+        producer = MultipartProducer(json.dumps(metadata).encode(), head, body,
+                                     submitted_headers=submitted_headers)
         headers = self._headers.copy()
         headers.setRawHeaders(b"Idempotency-Key", [key.encode()])
         headers.setRawHeaders(b"Content-Type", [producer.content_type])

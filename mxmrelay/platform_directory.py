@@ -104,7 +104,10 @@ def parse_answer(code: int, body: bytes, asked: str) -> User | None:
         space = space_from_dict(known, "answer")
     except InvalidDirectory as e:
         raise BadAnswer(str(e)) from None
-    return User(email=email, password_hash=encoded, customer=space)
+    sandbox = data.get("sandbox", False)
+    if not isinstance(sandbox, bool):
+        raise BadAnswer("sandbox: not true or false")
+    return User(email=email, password_hash=encoded, customer=space, sandbox=sandbox)
 
 
 def _integral(value: Any) -> Any:

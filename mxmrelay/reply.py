@@ -88,3 +88,30 @@ class Reply(Exception):
 
     def __repr__(self) -> str:
         return f"Reply({self.code}, {self.enhanced!r}, {self.text!r})"
+
+
+class MultilineReply:
+    """A reply of several lines (RFC 5321 4.2.1): one code and enhanced
+    code, a text per line, the last line last.
+
+    Every line is built as a :class:`Reply`, so each keeps that type's
+    guarantees (printable US-ASCII, at most 512 octets with its CRLF), and
+    only the separator after the code differs: ``-`` on every line but the
+    last.  A client that reads only the last line (most do) sees exactly
+    what a one-line reply with the last text would have said.
+    """
+
+    def __init__(self, code: int, enhanced: str, texts: list[str]) -> None:
+        assert texts, "a reply has at least one line"
+        self.lines = tuple(Reply(code, enhanced, text) for text in texts)
+
+    @property
+    def last(self) -> Reply:
+        return self.lines[-1]
+
+    def encode(self) -> bytes:
+        *before, last = self.lines
+        return b"".join(b"%d-%s" % (r.code, r.encode()[4:]) for r in before) + last.encode()
+
+    def __str__(self) -> str:
+        return "\n".join(str(r) for r in self.lines)

@@ -131,6 +131,13 @@ class Send:
     tags: tuple[str, ...]
     return_path: str
     message_id: str | None
+    #: What the rules decided beyond the send itself, for the reply that
+    #: explains it (:mod:`mxmrelay.explain`): RCPT TO addresses neither
+    #: the To nor the BCC, the header fields removed (``Cc``, ``Bcc``),
+    #: and the From field's display name as kept (unfolded), if any.
+    dropped_recipients: int = 0
+    removed_fields: tuple[str, ...] = ()
+    from_name: str | None = None
 
 
 def _refused(text: str) -> Reply:
@@ -212,7 +219,12 @@ def apply_rules(
         value = unfold(section, message_ids[0]).strip(b" \t")
         message_id = value.decode("utf-8", "backslashreplace") or None
 
+    removed = tuple(name for name, key in (("Cc", b"cc"), ("Bcc", b"bcc")) if by_name.get(key))
+    kept_keys = {to_key} | ({envelope_key(bcc)} if bcc is not None else set())
     return Send(
+        dropped_recipients=sum(envelope_key(r) not in kept_keys for r in envelope.recipients),
+        removed_fields=removed,
+        from_name=_kept_name(replaced.get(from_fields[0].start) if from_fields else None),
         headers=b"".join(out),
         to=to_text,
         bcc=bcc,
@@ -364,6 +376,18 @@ def _from_field(section: bytes, fields: list[Field], mail_from: bytes) -> bytes:
             if display is not None:
                 return _with_display(name, display, mail_from)
     return name + b" <" + mail_from + b">"
+
+
+def _kept_name(field: bytes | None) -> str | None:
+    """The display name of the From field as written out, unfolded."""
+    if field is None:
+        return None
+    start = field.index(b":") + 1
+    boxes = mailboxes(field, start, len(field)).boxes
+    name = display_name(field, boxes[0]) if boxes else None
+    if name is None:
+        return None
+    return name.replace(b"\r\n", b"").decode("utf-8", "replace").strip(" \t") or None
 
 
 def _with_display(name: bytes, display: bytes | None, address: bytes) -> bytes:

@@ -19,12 +19,13 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from mxmrelay import health, proxy
 from mxmrelay import limiter as limits
 from mxmrelay.auth import CredentialCache, DirectoryChecker
-from mxmrelay.config import Config
+from mxmrelay.config import Config, DeliveryAPIConfig
 from mxmrelay.delivery import Outbound, Realm
 from mxmrelay.directory import IDirectory, TomlDirectory
 from mxmrelay.endpoints import with_backlog
 from mxmrelay.forwarder import Forwarder
 from mxmrelay.platform_directory import PlatformDirectory
+from mxmrelay.refusals import RefusalPoster, RefusalQueue, refusals_url
 from mxmrelay.reload import ReloadableDirectory, Reloader, hooks
 from mxmrelay.smtp import Settings, SMTPFactory
 from mxmrelay.tls import ImplicitTLSFactory, ReloadableTLS, server_context
@@ -170,10 +171,25 @@ def relay_service(config: Config, reactor: Any, parent: MultiService,
         platform = PlatformDirectory.open(config.platform_directory, reactor)
         _Cleanup(platform.close).setServiceParent(parent)
         directory = platform
-    relay = Relay.build(config, reactor, forwarder, directory)
+    queue = refusal_queue(api_cfg, reactor, parent)
+    relay = Relay.build(config, reactor, forwarder, directory, refusals=queue)
     limits.share(relay.settings, parent)
     _Goodbye(relay.factories, reactor, api_cfg.timeout + 5).setServiceParent(parent)
     return relay
+
+
+def refusal_queue(api: DeliveryAPIConfig, reactor: Any,
+                  parent: MultiService) -> RefusalQueue | None:
+    """The queue of refusal reports (mxmrelay/refusals.py), stopped with
+    ``parent``; None when ``refusals_url`` says none."""
+    url = refusals_url(api.url) if api.refusals_url is None else api.refusals_url
+    if not url:
+        return None
+    poster = RefusalPoster(reactor, url, api.token, api.timeout, api.ca_file)
+    queue = RefusalQueue(reactor, poster)
+    _Cleanup(poster.close).setServiceParent(parent)
+    _Cleanup(queue.stop).setServiceParent(parent)
+    return queue
 
 
 class Relay:
@@ -192,7 +208,8 @@ class Relay:
 
     @classmethod
     def build(cls, config: Config, reactor: Any, forwarder: Forwarder,
-              directory: IDirectory | None = None) -> Relay:
+              directory: IDirectory | None = None,
+              refusals: RefusalQueue | None = None) -> Relay:
         tls = ReloadableTLS(server_context(config.tls.certificate, config.tls.private_key))
         reloadable = None
         if directory is None and config.directory is not None:
@@ -203,7 +220,7 @@ class Relay:
             raise ValueError("no directory: neither a file nor one passed in")
         limiter = limits.build(config, reactor)
         outbound = Outbound(forwarder, config.hostname, config.bounce_template,
-                            config.spool_memory, limiter)
+                            config.spool_memory, limiter, refusals)
         cache = CredentialCache(reactor, config.auth.cache_ttl)
         portal = Portal(Realm(outbound), [DirectoryChecker(directory, cache=cache)])
         return cls(config, reactor, settings_for(config, portal, tls, reactor), tls,

@@ -22,6 +22,7 @@ from typing import Any
 
 from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mxmrelay import login
 from mxmrelay.actions import CLOSE, START_TLS, Step, Wait, answer, say, say_raw
@@ -271,11 +272,13 @@ class SMTPSession:
                                    user=self.info.user)
         d = maybeDeferred(self.login.avatar.validateFrom, (self.info.helo, self.info.client),
                           address)
+        report = self._reporter(address)
 
         def done(_: object) -> Step:
             take = getattr(self.login.avatar, "take_reservation", None)
             transaction = Transaction(address, smtputf8,
-                                      reservation=take() if take is not None else None)
+                                      reservation=take() if take is not None else None,
+                                      report=lambda reply, head: report(reply, transaction, head))
             if self.phase is Phase.CLOSED:  # gone while the limits were asked
                 transaction.abandon()
                 return Step()
@@ -283,15 +286,46 @@ class SMTPSession:
             self.phase = Phase.MAIL
             return say_raw(_SENDER_OK)
 
-        return self._wait(d, done)
+        def failed(f: Failure) -> Step:
+            if isinstance(f.value, Reply):
+                report(f.value, None, None)
+            return refused(f, self.info.client)
+
+        return answer(d, done, failed)
+
+    def _reporter(self, mail_from: str) -> Callable[[Reply, Transaction | None, bytes | None],
+                                                    None]:
+        """What tells the avatar of a refused transaction (its customer's
+        refusal reports, mxmrelay/refusals.py); at the end of DATA
+        (``head`` read or not) every refusal, before it only the
+        envelope's."""
+        avatar_report = getattr(self.login.avatar, "report_refusal", None)
+        rcpt_reported: list[bool] = []
+
+        def report(reply: Reply, transaction: Transaction | None, head: bytes | None) -> None:
+            if transaction is not None and transaction.reader is None:
+                if rcpt_reported:  # one record for a transaction's refused RCPTs
+                    return
+                rcpt_reported.append(True)
+            if avatar_report is not None:
+                recipients = transaction.recipients if transaction is not None else []
+                data = transaction is not None and transaction.reader is not None
+                avatar_report(reply, mail_from, tuple(recipients), head, data=data)
+
+        return report
 
     def do_RCPT(self, arg: str) -> Step:
         self._need_tls_and_helo()
         transaction = self.transaction
         if transaction is None or self.phase not in _TRANSACTION:
             raise Reply(503, "5.5.1", "Error: need MAIL command")
-        address = transaction.recipient(arg, esmtp=self.esmtp,
-                                        max_recipients=self.settings.max_recipients)
+        try:
+            address = transaction.recipient(arg, esmtp=self.esmtp,
+                                            max_recipients=self.settings.max_recipients)
+        except Reply as reply:
+            if transaction.report is not None:
+                transaction.report(reply, None)
+            raise
         d = maybeDeferred(self.login.avatar.validateTo, address)
 
         def done(new_message: Any) -> Step:

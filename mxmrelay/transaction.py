@@ -20,6 +20,7 @@ from mxmrelay.actions import Step, answer, say
 from mxmrelay.connection import ConnectionInfo, Settings
 from mxmrelay.datareader import DataReader, IBulkMessage
 from mxmrelay.envelope import MAX_PATH, mail_parameters, need_smtputf8, parse_path_command
+from mxmrelay.explain import Queued
 from mxmrelay.limiter import Reservation
 from mxmrelay.reply import Reply, quote
 
@@ -62,6 +63,13 @@ class Transaction:
     #: 250 at the end of DATA, given back by anything else (so a refused
     #: or failed send uses no quota).
     reservation: Reservation | None = None
+    #: Told of a refusal at the end of DATA, with the header section if
+    #: it was read (for the customer's refusal reports).
+    report: Callable[[Reply, bytes | None], None] | None = None
+
+    def _refused(self, reply: Reply, message: IBulkMessage) -> None:
+        if self.report is not None:
+            self.report(reply, getattr(message, "header_section", None))
 
     def _settle(self, kept: bool) -> None:
         if self.reservation is not None:
@@ -109,21 +117,28 @@ class Transaction:
         if reader.error is not None:
             metrics.transaction_ended(reader.error.code, reader.size)
             self._settle(False)
+            self._refused(reader.error, message)
             return say(reader.error)
         # One log line per transaction, written once its answer is known.
         facts = {"client": info.client, "user": info.user, "sender": self.mail_from,
                  "rcpts": len(self.recipients), "size": reader.size}
 
-        def done(send_id: str) -> Step:
+        def done(result: str | Queued) -> Step:
+            queued = result if isinstance(result, Queued) else Queued(result)
+            send_id = queued.id
             log.info("sent id={id} client={client} user={user} from={sender} rcpts={rcpts} "
                      "size={size}", id=send_id, **facts)
             self._settle(True)
             metrics.transaction_ended(250, reader.size)
-            return say(Reply(250, "2.0.0", f"Ok: queued as {send_id}"))
+            # The last line stays "250 2.0.0 Ok: queued as <id>"; the lines
+            # before it, if any, explain the rules' decision.
+            return Step([queued.encode()])
 
         def failed(f: Failure) -> Step:
             self._settle(False)
             step = refused(f, info.client)
+            if isinstance(f.value, Reply):
+                self._refused(f.value, message)
             metrics.transaction_ended(f.value.code if isinstance(f.value, Reply) else 451,
                                       reader.size)
             log.info("refused reply={reply} client={client} user={user} from={sender} "

@@ -43,6 +43,8 @@ _METADATA_KEYS = frozenset(
     "message_id".split()
 )
 _CLIENT_KEYS = frozenset(("address", "tls_version", "listener"))
+#: Keys a send's metadata may leave out: ``sandbox`` is there only when true.
+_OPTIONAL_KEYS = frozenset(("sandbox",))
 
 
 class BadRequest(Exception):
@@ -77,6 +79,8 @@ class SendMetadata:
     tags: tuple[str, ...]
     client: ClientInfo
     message_id: str | None
+    #: A sandbox send: stored and shown, never delivered, never tracked.
+    sandbox: bool = False
 
     @classmethod
     def from_json(cls, raw: bytes) -> SendMetadata:
@@ -85,7 +89,10 @@ class SendMetadata:
             data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
         except (ValueError, RecursionError) as e:
             raise BadRequest(f"metadata is not valid JSON: {e}") from None
-        obj = _object(data, "metadata", _METADATA_KEYS)
+        obj = _object(data, "metadata", _METADATA_KEYS, _OPTIONAL_KEYS)
+        sandbox = obj.get("sandbox", False)
+        if sandbox is not True and "sandbox" in obj:
+            raise BadRequest("metadata.sandbox: must be true when present")
         if _integer(obj["version"]) != VERSION:
             raise BadRequest(f"metadata.version: must be {VERSION}")
         send_id = _text(obj, "id", "metadata")
@@ -112,6 +119,7 @@ class SendMetadata:
                 listener=_text(client, "listener", "metadata.client"),
             ),
             message_id=_string(obj, "message_id", "metadata", nullable=True),
+            sandbox=sandbox,
         )
 
 
@@ -131,13 +139,14 @@ def _integer(value: Any) -> int | None:
     return None
 
 
-def _object(value: Any, where: str, keys: frozenset[str]) -> dict[str, Any]:
+def _object(value: Any, where: str, keys: frozenset[str],
+            optional: frozenset[str] = frozenset()) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise BadRequest(f"{where}: must be a JSON object")
     missing = sorted(keys - value.keys())
     if missing:
         raise BadRequest(f"{where}: missing {', '.join(missing)}")
-    unknown = sorted(value.keys() - keys)
+    unknown = sorted(value.keys() - keys - optional)
     if unknown:
         raise BadRequest(f"{where}: unknown {', '.join(unknown)}")
     return value
@@ -183,6 +192,8 @@ class StoredSend:
     size: int
     #: The message's Subject field as written (RFC 2047 words not decoded).
     subject: str | None = None
+    #: A sandbox send's header section as the client submitted it.
+    submitted_headers: bytes | None = None
 
     @property
     def id(self) -> str:
@@ -206,4 +217,5 @@ class StoredSend:
             "received_at": self.received_at,
             "size": self.size,
             "idempotency_key": self.idempotency_key,
+            "sandbox": m.sandbox,
         }

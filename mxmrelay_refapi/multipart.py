@@ -15,7 +15,7 @@ from typing import IO
 
 from mxmrelay_refapi.contract import BadRequest
 
-__all__ = ["CHUNK", "boundary", "message_end", "parse_head"]
+__all__ = ["CHUNK", "boundary", "message_end", "message_parts", "parse_head"]
 
 # RFC 2046 bchars: 1..70 characters, not ending in a space.
 _BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,./:=? -]{0,69}[0-9A-Za-z'()+_,./:=?-]")
@@ -117,7 +117,29 @@ def _part_headers(head: bytes, pos: int, name: str, content_type: str) -> int:
     return end + 4
 
 
-def message_end(body: IO[bytes], start: int, boundary: bytes) -> int:
+#: The largest ``submitted_headers`` part (the relay's own header limit, 1 MiB).
+_SUBMITTED_MAX = 1024 * 1024 + 2
+
+
+def message_parts(body: IO[bytes], start: int, boundary: bytes) -> tuple[int, bytes | None]:
+    """Where the message part ends, and the ``submitted_headers`` part
+    that a sandbox send carries after it (None: no third part)."""
+    end = message_end(body, start, boundary, third=True)
+    delimiter = b"\r\n--" + boundary
+    body.seek(end + len(delimiter))
+    head = body.read(_SUBMITTED_MAX + _PART_HEADERS_MAX + len(delimiter) + 8)
+    if head.startswith(b"--"):
+        return end, None
+    pos = _after_delimiter(head, 0)
+    pos = _part_headers(head, pos, "submitted_headers", "text/rfc822-headers")
+    close = head.find(delimiter + b"--", pos)
+    if close < 0 or close - pos > _SUBMITTED_MAX:
+        raise BadRequest("part 'submitted_headers': not closed by the final boundary, or "
+                         f"over {_SUBMITTED_MAX} bytes")
+    return end, head[pos:close]
+
+
+def message_end(body: IO[bytes], start: int, boundary: bytes, *, third: bool = False) -> int:
     """Where the message part ends: right before ``CRLF--boundary--``.
 
     The boundary cannot occur inside a part, so the first delimiter line
@@ -136,6 +158,8 @@ def message_end(body: IO[bytes], start: int, boundary: bytes) -> int:
         if after.startswith(b"--"):
             break
         if after.lstrip(b" \t").startswith(b"\r\n"):
+            if third:
+                break
             raise BadRequest("body: expected exactly two parts (metadata, message), found more")
         pos = found + 1
     if found == start:

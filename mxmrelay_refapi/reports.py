@@ -38,6 +38,9 @@ FLAG_NAMES = (
 _STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
 h1 { font-size: 1.4em; } h2 { font-size: 1.15em; margin-top: 1.5em; }
+.sandbox { background: #fd4; color: #000; padding: 0 .3em; border-radius: 3px; }
+.sandbox-note { border: 2px solid #d90; background: #fff8d8; padding: .5em; }
+.compare { display: flex; gap: 1em; } .compare section { flex: 1; overflow: auto; }
 table { border-collapse: collapse; width: 100%; }
 th, td { text-align: left; vertical-align: top; padding: .3em .5em;
          border-bottom: 1px solid #ddd; overflow-wrap: break-word; }
@@ -97,8 +100,9 @@ def _tags(tags: Sequence[str]) -> str:
     return " ".join(_tag_link(t) for t in tags)
 
 
-def render_index(page: SendPage, query: SendQuery) -> bytes:
-    """The list of sends, newest first, with the filter form and page links."""
+def render_index(page: SendPage, query: SendQuery, beside: str = "") -> bytes:
+    """The list of sends, newest first, with the filter form and page links;
+    ``beside``: the refused transactions' section (refusals.py)."""
     sends = page.sends
     out = ["<h1>Transactional sends</h1>\n", _filter_form(query)]
     shown = f"{len(sends)} send{'' if len(sends) == 1 else 's'}, newest first"
@@ -124,7 +128,12 @@ def render_index(page: SendPage, query: SendQuery) -> bytes:
         out.extend(_index_row(send) for send in sends)
         out.append("</tbody></table>\n")
     out.append(_page_links(page, query))
+    out.append(beside)
     return _page("Transactional sends", out)
+
+
+def render_refusals_page(section: str) -> bytes:
+    return _page("Refused transactions", ['<p><a href="/">All sends</a></p>\n', section])
 
 
 def _filter_form(query: SendQuery) -> str:
@@ -168,8 +177,9 @@ def _index_row(send: StoredSend) -> str:
         else _e(display_header(send.subject.encode("utf-8")))
     )
     return (
-        f'<tr class="send" id="send-{_e(m.id)}">'
-        f'<td class="id"><a href="{_e(href)}"><code>{_e(m.id)}</code></a></td>'
+        f'<tr class="send{" sandbox" if m.sandbox else ""}" id="send-{_e(m.id)}">'
+        f'<td class="id"><a href="{_e(href)}"><code>{_e(m.id)}</code></a>'
+        f'{_SANDBOX_MARK if m.sandbox else ""}</td>'
         f'<td class="received"><time datetime="{_e(send.received_at)}">'
         f"{_e(_when(send.received_at))}</time></td>"
         f'<td class="subject">{subject}</td>'
@@ -213,6 +223,7 @@ def render_send(send: StoredSend, message: bytes) -> bytes:
     raw = f"/v1/sends/{quote(m.id, safe='')}/message"
     out = [
         f"<h1>Send <code>{_e(m.id)}</code></h1>\n",
+        _SANDBOX_NOTE if m.sandbox else "",
         f'<p><a href="/">All sends</a> · <a id="raw" href="{_e(raw)}">Raw message</a>'
         f" ({_e(send.size)} bytes)</p>\n",
         '<h2>Metadata</h2>\n<table class="meta" id="metadata">',
@@ -243,6 +254,14 @@ def render_send(send: StoredSend, message: bytes) -> bytes:
     out.append("</table>\n")
 
     head, body = split_message(message)
+    if send.submitted_headers is not None:
+        # Side by side: as the client submitted it, as it would be delivered.
+        out.append('<h2>Headers: submitted, and as delivered</h2>\n<div class="compare">'
+                   '<section id="submitted"><h3>Submitted by the client</h3>'
+                   f'<pre class="text">{_e(_text(send.submitted_headers))}</pre></section>'
+                   '<section id="delivered"><h3>After the rules (as delivered)</h3>'
+                   f'<pre class="text">{_e(_text(message[:len(head)]))}</pre></section>'
+                   "</div>\n")
     out.append('<h2>Headers</h2>\n<table class="headers" id="headers">')
     out.extend(
         f'<tr><th class="name">{_e(name)}</th><td class="value">{_e(value)}</td></tr>'
@@ -262,6 +281,16 @@ def render_send(send: StoredSend, message: bytes) -> bytes:
             out.append(f'<pre class="text">{_e(text)}</pre>')
     out.append("</section>")
     return _page(f"Send {m.id}", out)
+
+
+_SANDBOX_MARK = ' <span class="sandbox" title="stored and shown, never delivered">sandbox</span>'
+_SANDBOX_NOTE = ('<p class="sandbox-note" id="sandbox"><strong>Sandbox send</strong>: made with '
+                 "a sandbox credential, it went through every rule and is stored here, "
+                 "but nothing was delivered, tracked or bounce-processed.</p>\n")
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace").replace("\r\n", "\n")
 
 
 def render_error(status: int, message: str) -> bytes:

@@ -25,10 +25,11 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from mxmrelay_refapi.contract import ClientInfo, SendMetadata, StoredSend
+from mxmrelay_refapi.contract import BadRequest, ClientInfo, SendMetadata, StoredSend
 from mxmrelay_refapi.messages import header_field, split_message
-from mxmrelay_refapi.multipart import CHUNK, message_end
+from mxmrelay_refapi.multipart import CHUNK, message_parts
 from mxmrelay_refapi.query import address_key, stamp
+from mxmrelay_refapi.refusals import REFUSALS_SCHEMA
 
 __all__ = [
     "COLUMNS",
@@ -91,9 +92,16 @@ CREATE TABLE send_recipients (
 CREATE INDEX sends_received_at ON sends (received_at);
 """
 
+#: Version 3: sandbox sends (never delivered), with the header section the
+#: client submitted; and the refusals the relay reports (refusals.py).
+_SCHEMA_3 = """
+ALTER TABLE sends ADD COLUMN sandbox INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE sends ADD COLUMN submitted_headers BLOB
+"""
+
 COLUMNS = (
     "id, idempotency_key, customer, user, mail_from, return_path, rcpt_to, bcc, flags, "
-    "bcc_flags, tags, client, message_id, received_at, size, subject"
+    "bcc_flags, tags, client, message_id, received_at, size, subject, sandbox"
 )
 #: How much of a message's start is searched for its Subject field.
 _SUBJECT_HEAD = 64 * 1024
@@ -111,7 +119,27 @@ def connect(database: pathlib.Path | str) -> sqlite3.Connection:
     conn.execute("PRAGMA foreign_keys = ON")
     conn.executescript(_SCHEMA)
     _migrate(conn)
+    _migrate_3(conn)
     return conn
+
+
+def _migrate_3(conn: sqlite3.Connection) -> None:
+    """Version 2 to 3, once, under the write lock (as :func:`_migrate`)."""
+    if conn.execute("PRAGMA user_version").fetchone()[0] >= 3:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if conn.execute("PRAGMA user_version").fetchone()[0] < 3:
+            for statement in _SCHEMA_3.split(";"):
+                conn.execute(statement)
+            for statement in REFUSALS_SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("PRAGMA user_version = 3")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
@@ -179,7 +207,9 @@ def insert_send(
     zero-filled BLOB of the right size, a chunk at a time.
     """
     try:
-        end = message_end(body, start, boundary)
+        end, submitted = message_parts(body, start, boundary)
+        if submitted is not None and not meta.sandbox:
+            raise BadRequest("part 'submitted_headers': only a sandbox send carries one")
         size = end - start
         body.seek(start)
         subject = _subject(body.read(min(size, _SUBJECT_HEAD)))
@@ -188,7 +218,7 @@ def insert_send(
             received_at = _received_at(conn)
             cursor = conn.execute(
                 f"INSERT INTO sends ({COLUMNS}, message) "  # noqa: S608 (constant columns)
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, zeroblob(?))",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, zeroblob(?))",
                 (
                     meta.id,
                     key,
@@ -206,11 +236,15 @@ def insert_send(
                     received_at,
                     size,
                     subject,
+                    int(meta.sandbox),
                     size,
                 ),
             )
             seq = cursor.lastrowid
             assert seq is not None
+            if submitted is not None:
+                conn.execute("UPDATE sends SET submitted_headers = ? WHERE seq = ?",
+                             (submitted, seq))
             _insert_recipients(conn, seq, meta.to, meta.bcc)
             conn.executemany(
                 "INSERT OR IGNORE INTO send_tags (tag, seq) VALUES (?, ?)",
@@ -260,7 +294,7 @@ def _received_at(conn: sqlite3.Connection) -> str:
 
 def row_to_send(row: Sequence[Any]) -> StoredSend:
     (send_id, key, customer, user, mail_from, return_path, to, bcc, flags, bcc_flags) = row[:10]
-    tags, client, message_id, received_at, size, subject = row[10:]
+    tags, client, message_id, received_at, size, subject, sandbox = row[10:]
     c = json.loads(client)
     return StoredSend(
         metadata=SendMetadata(
@@ -278,6 +312,7 @@ def row_to_send(row: Sequence[Any]) -> StoredSend:
                 address=c["address"], tls_version=c["tls_version"], listener=c["listener"]
             ),
             message_id=message_id,
+            sandbox=bool(sandbox),
         ),
         idempotency_key=key,
         received_at=received_at,
@@ -312,6 +347,10 @@ def select_send_preview(
     if send is None:
         return None
     message = select_message(conn, send_id, limit)
+    if send.metadata.sandbox:
+        row = conn.execute("SELECT submitted_headers FROM sends WHERE id = ?",
+                           (send_id,)).fetchone()
+        send = attrs.evolve(send, submitted_headers=row[0] if row else None)
     return (send, message or b"")
 
 

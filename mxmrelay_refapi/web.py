@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import IResource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from mxmrelay_refapi import multipart, reports
+from mxmrelay_refapi import multipart, refusals, reports
 from mxmrelay_refapi.contract import IDEMPOTENCY_KEY, SEND_ID, BadRequest, SendMetadata
 from mxmrelay_refapi.pages import select_page
 from mxmrelay_refapi.query import SendQuery
@@ -45,6 +45,8 @@ __all__ = ["DEFAULT_MAX_BODY", "Routes"]
 
 DEFAULT_MAX_BODY = 60 * 1024 * 1024
 """The largest request body accepted, in bytes (413 above it)."""
+MAX_REFUSALS_BODY = 16 * 1024 * 1024
+"""The largest batch of refusals accepted, in bytes."""
 
 _log = Logger()
 
@@ -166,6 +168,34 @@ class Routes:
             return error(request, 404, "no such user")
         return json_response(200, user).render(request)
 
+    @app.route("/v1/refusals", methods=["POST"], strict_slashes=False)
+    async def create_refusals(self, request: _Request) -> bytes:
+        if not _authorised(request, self.token):
+            return error(request, 401, "a valid bearer token is required",
+                         (b"WWW-Authenticate", b'Bearer realm="mxmrelay"'))
+        body = request.content
+        assert body is not None
+        body.seek(0)
+        raw = body.read(MAX_REFUSALS_BODY + 1)
+        if len(raw) > MAX_REFUSALS_BODY:
+            return error(request, 413, f"body over {MAX_REFUSALS_BODY} bytes")
+        records = refusals.parse_refusals(raw)
+        stored = await self.db.run(refusals.insert_refusals, records)
+        return json_response(201, {"stored": stored}).render(request)
+
+    @app.route("/v1/refusals", methods=["GET"], strict_slashes=False)
+    async def list_refusals(self, request: _Request) -> bytes:
+        query = refusals.RefusalQuery.from_args(request.args or {})
+        found = await self.db.run(refusals.select_refusals, query)
+        return json_response(200, {"refusals": found}).render(request)
+
+    @app.route("/refusals", methods=["GET"])
+    async def refusals_page(self, request: _Request) -> bytes:
+        query = refusals.RefusalQuery.from_args(request.args or {})
+        found = await self.db.run(refusals.select_refusals, query)
+        return _html(request, reports.render_refusals_page(
+            refusals.render_refusals(found, query)))
+
     # -- the reports, JSON --------------------------------------------------
 
     @app.route("/v1/sends", methods=["GET"], strict_slashes=False)
@@ -198,7 +228,11 @@ class Routes:
     async def index(self, request: _Request) -> bytes:
         query = SendQuery.from_args(request.args or {})
         page = await self.db.run(select_page, query)
-        return _html(request, reports.render_index(page, query))
+        # The refused transactions beside the sends, for the same time range.
+        refused_query = refusals.RefusalQuery(since=query.since, until=query.until, limit=20)
+        refused = await self.db.run(refusals.select_refusals, refused_query)
+        beside = refusals.render_refusals(refused, refused_query)
+        return _html(request, reports.render_index(page, query, beside))
 
     @app.route("/sends/<send_id>", methods=["GET"])
     async def send_page(self, request: _Request, send_id: str) -> bytes:

@@ -42,11 +42,16 @@ def queued(send_id: str = r"\S+") -> re.Pattern[str]:
 
 def queued_id(text: str, send_id: str = r"\S+", *, alone: bool = False) -> str:
     """The id of the last ``250 2.0.0 Ok: queued as <id>`` in ``text`` (a
-    client's output); ``alone``: ``text`` must be that reply, whole."""
+    client's output); ``alone``: ``text`` must be that reply, whole (its
+    last line; any before it ``250-`` lines that explain the decision)."""
     if alone:
-        assert text.startswith(QUEUED), text
-        return text[len(QUEUED):]
-    found = queued(send_id).findall(text)
+        *before, reply = text.split("\n")
+        if before and not reply.startswith("250 "):  # smtplib joins the lines' texts
+            reply = "250 " + reply
+        assert reply.startswith(QUEUED), text
+        return reply[len(QUEUED):]
+    found = queued(send_id).findall(text) or re.findall(
+        rf"(?m)^2\.0\.0 Ok: queued as ({send_id})", text)
     assert found, f"no '{QUEUED}<id>' in:\n{text}"
     last: str = found[-1]
     return last

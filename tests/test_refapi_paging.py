@@ -181,7 +181,7 @@ class Storage(unittest.TestCase):
         old.close()
         conn = connect(path)
         self.addCleanup(conn.close)
-        self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], 2)
+        self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], 3)
         self.assertEqual(
             conn.execute("SELECT subject FROM sends").fetchone()[0], "=?utf-8?q?Caf=C3=A9?="
         )
