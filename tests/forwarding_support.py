@@ -221,13 +221,14 @@ def stuffed(data: bytes) -> bytes:
 
 def transact(c: RawClient, data: bytes, rcpts: Iterable[str] = ("someone@example.org",),
              sender: str = "app@example.com") -> str:
-    """One MAIL/RCPT/DATA transaction; the reply to the end of data."""
+    """One MAIL/RCPT/DATA transaction; the reply to the end of data (its
+    last line: the lines explaining the decision are tests/test_explain.py's)."""
     for line, want in ((f"MAIL FROM:<{sender}>", "250 "),
                        *((f"RCPT TO:<{r}>", "250 ") for r in rcpts), ("DATA", "354 ")):
         answer = c.cmd(line)
         assert answer.startswith(want), (line, answer)
     c.send(stuffed(data) + b".\r\n")
-    return c.reply()
+    return c.reply().split("\n")[-1]
 
 
 def session(relay: RelayUnderTest, role: str = "submission") -> RawClient:
