@@ -23,7 +23,10 @@ from collections import Counter
 from pathlib import Path
 
 from bench import loadgen, procs
+from bench.limits import scenario_7
 from bench.scenarios import SCENARIOS, Bench, Interference, Row
+
+SCENARIOS[7] = scenario_7
 
 COLUMNS = [
     ("#", 2, "<"), ("scenario", 42, "<"), ("server", 12, "<"), ("msgs/s", 7, ">"),
