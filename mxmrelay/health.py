@@ -227,7 +227,8 @@ def add_listener(config: Config, reactor: Any, parent: Any) -> None:
         probe=prober.probe,
         window=config.metrics.api_answered_within,
         note=lambda: ("limits counted by each relay alone: redis unreachable"
-                      if sample("mxmrelay_state_shared") == 0 else None))
+                      if config.state.redis is not None
+                      and sample("mxmrelay_state_shared") == 0 else None))
     service = strports.service(config.metrics.endpoint, site(lambda: registry_for(path),
                                                              readiness), reactor=reactor)
     service.setServiceParent(parent)
