@@ -7,6 +7,7 @@ file stops the relay with its name instead of failing every handshake.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mxmrelay import metrics
+from mxmrelay.resumption import SessionKeys, resumable
 
 #: Mozilla's "intermediate" list for TLS 1.2 (TLS 1.3 suites are fixed).
 CIPHERS = (
@@ -74,20 +76,37 @@ def server_context(certificate: Path, private_key: Path) -> ssl.CertificateOptio
     except crypto.Error as e:
         raise TLSConfigError(f"{private_key}: not a valid PEM private key: {e}",
                              "private_key") from e
-    options = ssl.CertificateOptions(
-        privateKey=key,
-        certificate=chain[0],
-        extraCertChain=chain[1:],
-        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-        acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(CIPHERS),
-    )
     try:
-        options.getContext()
+        return certificate_options(key, chain[0], chain[1:])
     except SSL.Error as e:
         raise TLSConfigError(
             f"{private_key}: the key does not match the certificate in {certificate}: {e}",
             "private_key") from e
+
+
+def certificate_options(key: crypto.PKey, certificate: crypto.X509,
+                        chain: Sequence[crypto.X509]) -> ssl.CertificateOptions:
+    """The options for one certificate, their context made (a key that does
+    not match raises :class:`SSL.Error`) and set up for session resumption
+    (:mod:`mxmrelay.resumption`)."""
+    options = ssl.CertificateOptions(
+        privateKey=key,
+        certificate=certificate,
+        extraCertChain=list(chain),
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(CIPHERS),
+        enableSessions=True,
+        enableSessionTickets=True,
+    )
+    resumable(options.getContext())
     return options
+
+
+def same_certificate(options: ssl.CertificateOptions) -> ssl.CertificateOptions:
+    """New options (a new context, so new ticket keys) for the certificate
+    ``options`` hold."""
+    assert options.privateKey is not None and options.certificate is not None
+    return certificate_options(options.privateKey, options.certificate, options.extraCertChain)
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -100,11 +119,14 @@ class ReloadableTLS:
     see it; a session already established keeps the context it began with.
     """
 
-    def __init__(self, options: ssl.CertificateOptions) -> None:
+    def __init__(self, options: ssl.CertificateOptions,
+                 sessions: SessionKeys | None = None) -> None:
         self.options = options
+        #: Connections resume across reloads (see :mod:`mxmrelay.resumption`).
+        self.sessions = sessions or SessionKeys(same_certificate)
 
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
-        return SSL.Connection(self.options.getContext(), None)
+        return self.sessions.connection(self.options)
 
 
 def describe(transport: ITransport) -> tuple[str | None, str | None]:
