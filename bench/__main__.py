@@ -1,6 +1,6 @@
 """``python -m bench`` (``make bench``): run the scenarios, print one table.
 
-    python -m bench              # all six scenarios, 3 repetitions (1 to 2.5 minutes)
+    python -m bench              # all scenarios, 5 interleaved repetitions (minutes)
     python -m bench --quick      # 1 repetition, smaller counts (under a minute)
     python -m bench --only 2     # one scenario (or --only 1,3)
     python -m bench --only 1,2 --profile   # py-spy on the relay: top self/cumulative costs
@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from bench import loadgen, procs
+from bench import loadgen, pairs, procs
 from bench.limits import scenario_7
 from bench.scenarios import SCENARIOS, Bench, Interference, Row
 
@@ -31,7 +31,8 @@ SCENARIOS[7] = scenario_7
 COLUMNS = [
     ("#", 2, "<"), ("scenario", 42, "<"), ("server", 12, "<"), ("msgs/s", 7, ">"),
     ("p50 ms", 7, ">"), ("p99 ms", 7, ">"), ("errors", 6, ">"), ("CPU us/msg", 10, ">"),
-    ("peak RSS MB", 11, ">"), ("x floor", 7, ">"), ("target", 24, "<"), ("result", 0, "<"),
+    ("peak RSS MB", 11, ">"), ("x floor", 7, ">"), ("spread", 11, ">"), ("target", 24, "<"),
+    ("result", 0, "<"),
 ]
 
 
@@ -65,6 +66,7 @@ def table(rows: list[Row]) -> str:
             _num(r.cpu_us),
             _num(r.rss_mb, 1),
             "-" if r.ratio is None else f"{r.ratio:.2f}",
+            pairs.spread(r.ratios),
             r.target,
             r.verdict,
         ]))
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="1 repetition, smaller counts")
     p.add_argument("--only", default="", help="scenario numbers, e.g. 2 or 1,3")
-    p.add_argument("--reps", type=int, default=None, help="repetitions (default 3, quick 1)")
+    p.add_argument("--reps", type=int, default=None, help="repetitions (default 5, quick 1)")
     p.add_argument("--profile", action="store_true",
                    help="after scenarios 1-3's measured runs, one more with py-spy on the relay")
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    "--port", str(api_port)]),
         work / "nullapi.log", [api_port], cwd=procs.ROOT).start()
     bench = Bench(work=work, cert=cert, key=key, api_url=f"http://127.0.0.1:{api_port}/v1/sends",
-                  quick=a.quick, reps=a.reps or (1 if a.quick else 3), log=log,
+                  quick=a.quick, reps=a.reps or (1 if a.quick else 5), log=log,
                   profile=a.profile)
     cores = procs.cpus()
     log(f"bench: work folder {work}; {cores} cores; server on CPU {procs.SERVER_CPU}, "

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import procs
+from bench import pairs, procs
 from bench.loadgen import (
     Load,
     MessageFactory,
@@ -111,6 +111,8 @@ class Row:
     cpu_us: float = float("nan")
     rss_mb: float = float("nan")
     ratio: float | None = None
+    #: One ratio to the floor per repetition (``ratio`` is their median).
+    ratios: list[float] = field(default_factory=list)
     target: str = "-"
     verdict: str = "-"
     notes: list[str] = field(default_factory=list)
@@ -149,6 +151,8 @@ class Bench:
     log: Callable[[str], None]
     profile: bool = False
     profiles: dict[str, Path] = field(default_factory=dict)
+    #: What :func:`pairs.check_keys` found for the last servers started.
+    key_note: str = ""
     #: Processes started for the current scenario, on each CPU (for the
     #: estimate of other processes' load, see :class:`Interference`).
     started: dict[int, list[procs.Process]] = field(default_factory=dict)
@@ -309,7 +313,59 @@ def start(bench: Bench, kind: str) -> Server:
         return Floor(bench).start()
     if kind == "relay+refapi":
         return Relay(bench, reference_api=True).start()
+    if kind in ("haraka", "haraka-discard"):
+        # Imported here: bench.haraka builds on this module's Server.
+        from bench.haraka import Haraka
+
+        return Haraka(bench, "post" if kind == "haraka" else "discard").start()
     return Relay(bench).start()
+
+
+def start_all(bench: Bench, kinds: list[str], rows: dict[str, Row], scenario: str,
+              title: str) -> dict[str, Server]:
+    """Start every server of a scenario (they wait, idle, for their turn).
+    A peer that cannot be had here (Haraka without Node) gets a row that
+    says so instead; the floor and the relay must start."""
+    from bench.haraka import Unavailable
+
+    started: dict[str, Server] = {}
+    try:
+        for kind in kinds:
+            try:
+                started[kind] = start(bench, kind)
+            except Unavailable as e:
+                rows[kind] = Row(scenario, title, kind, target="same-work peer",
+                                 verdict=f"skipped: {e}")
+                bench.log(f"  {kind}: skipped: {e}")
+        bench.key_note = pairs.check_keys(
+            bench.cert, {k: s.target().port for k, s in started.items()})
+    except BaseException:
+        for server in started.values():
+            server.stop()
+        raise
+    return started
+
+
+def compare_to_floor(rows: dict[str, Row], reps: dict[str, list[Rep]]) -> None:
+    """Each row's ratios to the floor, repetition by repetition, and their
+    median as the row's ``x floor``."""
+    floor = [r.cpu_per_msg for r in reps.get("floor", [])]
+    for kind, row in rows.items():
+        if kind != "floor" and kind in reps and floor:
+            row.ratios = pairs.ratios([r.cpu_per_msg for r in reps[kind]], floor)
+            row.ratio = pairs.median_ratio(row.ratios)
+            if len(row.ratios) > 1:
+                row.notes.append("x floor of each repetition: "
+                                 + ", ".join(f"{x:.2f}" for x in row.ratios))
+
+
+def judge_ratio(row: Row, limit: float) -> None:
+    """``met`` only when the median of the per-repetition ratios is within
+    ``limit`` (and nothing failed); the spread is printed beside it."""
+    row.target = f"CPU <= {limit}x floor"
+    if row.ratio is not None:
+        row.verdict = met(row.ratio <= limit and row.errors == 0,
+                          pairs.verdict_detail(row.ratio, row.ratios))
 
 
 # -- profiling -----------------------------------------------------------------------
@@ -438,58 +494,81 @@ class RssSampler:
 
 async def throughput(bench: Bench, scenario: str, title: str, servers: list[str],
                      load: Load, rounds: int) -> dict[str, Row]:
-    """``bench.reps`` repetitions of ``rounds`` rounds of ``load`` (fresh
-    sessions each round); CPU per message is the median over repetitions."""
+    """``bench.reps`` repetitions, interleaved: in each, every server in
+    turn (the floor first, so the relay's measurement is next to it) runs
+    ``rounds`` rounds of ``load`` (fresh sessions each round).  Every server
+    is started up front and waits, idle, for its turn; a row's ``x floor``
+    is the median of its per-repetition ratios (see :mod:`bench.pairs`)."""
     rows: dict[str, Row] = {}
-    for kind in servers:
-        server = start(bench, kind)
-        try:
-            target = server.target()
-            await warm_up(server, target, load.body_size)
-            reps: list[Rep] = []
-            for _ in range(bench.reps):
+    started = start_all(bench, servers, rows, scenario, title)
+    reps: dict[str, list[Rep]] = {kind: [] for kind in started}
+    try:
+        for kind, server in started.items():
+            # The peers run on V8: its compiler wants more before it settles.
+            await warm_up(server, server.target(), load.body_size,
+                          messages=400 if kind in PEERS else 40)
+        for i in range(bench.reps):
+            for kind, server in started.items():
                 total = Rep(Stats(), 0.0)
                 for _ in range(rounds):
-                    rep = await measured(server, target, load)
+                    rep = await measured(server, server.target(), load)
                     total.stats.merge(rep.stats)
                     total.cpu += rep.cpu
-                reps.append(total)
-            if bench.profile and kind == "relay":
-                await profile_transactions(bench, server, load, f"s{scenario}")
-            row = Row.from_reps(scenario, title, kind, reps)
+                reps[kind].append(total)
+            bench.log(f"  repetition {i + 1}: " + ", ".join(
+                f"{k} {r[-1].cpu_per_msg * 1e6:.0f}" for k, r in reps.items()) + " us/msg")
+        if bench.profile and "relay" in started:
+            await profile_transactions(bench, started["relay"], load, f"s{scenario}")
+        for kind, server in started.items():
+            row = Row.from_reps(scenario, title, kind, reps[kind])
             row.rss_mb = server.peak_mb()
             if load.pipelining == "on":
-                stalls = sum(1 for r in reps for x in r.stats.latencies if x >= STALL)
-                count = sum(len(r.stats.latencies) for r in reps)
+                stalls = sum(1 for r in reps[kind] for x in r.stats.latencies if x >= STALL)
+                count = sum(len(r.stats.latencies) for r in reps[kind])
                 row.notes.append(f"{stalls} of {count} transactions took >= "
                                  f"{STALL * 1000:.0f} ms (where 40 ms delayed-ACK stalls "
                                  "would show)")
             rows[kind] = row
-            spread = ", ".join(f"{r.cpu_per_msg * 1e6:.0f}" for r in reps)
-            if len(reps) > 1:
-                row.notes.append(f"CPU us/msg of each repetition: {spread}")
-            bench.log(f"  {kind}: {row.rate:.0f} msgs/s, {row.cpu_us:.0f} us/msg ({spread}), "
+            each = ", ".join(f"{r.cpu_per_msg * 1e6:.0f}" for r in reps[kind])
+            if len(reps[kind]) > 1:
+                row.notes.append(f"CPU us/msg of each repetition: {each}")
+            bench.log(f"  {kind}: {row.rate:.0f} msgs/s, {row.cpu_us:.0f} us/msg ({each}), "
                       f"p50 {row.p50 * 1000:.2f} ms, errors {row.errors}")
-        finally:
+    finally:
+        for server in started.values():
             server.stop()
-    floor = rows.get("floor")
-    for kind, row in rows.items():
-        if kind != "floor" and floor is not None:
-            row.ratio = ratio(row.cpu_us, floor.cpu_us)
-    return rows
+    compare_to_floor(rows, reps)
+    if "floor" in rows:
+        rows["floor"].notes.append(bench.key_note)
+    return {kind: rows[kind] for kind in servers if kind in rows}
 
 
 async def scenario_1(bench: Bench) -> list[Row]:
     title = "STARTTLS+AUTH, 2 KB, 8 conn x 20"
-    rows = await throughput(bench, "1", title, ["floor", "relay", "relay+refapi"],
+    rows = await throughput(bench, "1", title, ["floor", "relay", "relay+refapi", *PEERS],
                             Load(connections=8, messages=20, body_size=2048, pipelining="off"),
                             rounds=1 if bench.quick else 5)
-    relay = rows["relay"]
-    relay.target = "CPU <= 1.6x floor"
-    if relay.ratio is not None:
-        relay.verdict = met(relay.ratio <= 1.6 and relay.errors == 0, f"{relay.ratio:.2f}x")
+    judge_ratio(rows["relay"], 1.6)
     rows["relay+refapi"].target = "end-to-end figure"
+    beside_peers(rows)
     return list(rows.values())
+
+
+#: Haraka doing the relay's job, and Haraka accepting and discarding.
+PEERS = ["haraka", "haraka-discard"]
+
+
+def beside_peers(rows: dict[str, Row]) -> None:
+    """The peers' targets, and the relay's CPU and throughput beside
+    Haraka doing the same work."""
+    for kind, what in (("haraka", "same-work peer"), ("haraka-discard", "peer, discards")):
+        if kind in rows and rows[kind].verdict == "-":
+            rows[kind].target = what
+    relay, peer = rows.get("relay"), rows.get("haraka")
+    if relay is not None and peer is not None and peer.cpu_us == peer.cpu_us:
+        relay.notes.append(
+            f"beside Haraka doing the same work: {relay.cpu_us / peer.cpu_us:.2f}x its CPU "
+            f"per message, {relay.rate / peer.rate:.2f}x its msgs/s")
 
 
 async def scenario_2(bench: Bench) -> list[Row]:
@@ -498,10 +577,7 @@ async def scenario_2(bench: Bench) -> list[Row]:
                             Load(connections=8, messages=20, body_size=100 * 1024,
                                  pipelining="off"),
                             rounds=1 if bench.quick else 3)
-    relay = rows["relay"]
-    relay.target = "CPU <= 1.0x floor"
-    if relay.ratio is not None:
-        relay.verdict = met(relay.ratio <= 1.0 and relay.errors == 0, f"{relay.ratio:.2f}x")
+    judge_ratio(rows["relay"], 1.0)
     return list(rows.values())
 
 
@@ -703,6 +779,14 @@ async def _one_connection(server: Server, title: str, n: int, window: int) -> Ro
     return row
 
 
+async def scenario_8(bench: Bench) -> list[Row]:
+    """One message per connection: :mod:`bench.perconn` (imported here,
+    as it builds on this module)."""
+    from bench import perconn
+
+    return await perconn.scenario(bench)
+
+
 SCENARIOS = {
     1: scenario_1,
     2: scenario_2,
@@ -710,4 +794,5 @@ SCENARIOS = {
     4: scenario_4,
     5: scenario_5,
     6: scenario_6,
+    8: scenario_8,
 }
