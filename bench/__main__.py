@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from bench import loadgen, pairs, procs
+from bench import loadgen, pairs, procs, resumption
 from bench.limits import scenario_7
 from bench.scenarios import SCENARIOS, Bench, Interference, Row
 
@@ -193,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"bench: work folder {work}; {cores} cores; server on CPU {procs.SERVER_CPU}, "
         f"load generator ({loadgen.loop_name()}) and null API on CPU {procs.CLIENT_CPU}")
     rows: list[Row] = []
+    clients = ""
     try:
         for n in wanted:
             t0 = time.monotonic()
@@ -203,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
             got[-1].notes.append(load)
             rows += got
             log(f"scenario {n}: {time.monotonic() - t0:.0f} s; {load}")
+        if not a.only:
+            log("clients: TLS session resumption across connections ...")
+            clients = ("\nTLS session resumption across connections, per client "
+                       "(bench/resumption.py):\n"
+                       + resumption.table(resumption.measure(cert, key, work)) + "\n")
     finally:
         api.stop()
         if not a.keep:
@@ -213,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{git_revision()}, Python {platform.python_version()}, {loadgen.loop_name()}, "
         f"{cores} cores, {'quick, ' if a.quick else ''}{bench.reps} repetition(s) "
         f"(medians), {took:.0f} s")
-    report = header + "\n\n" + table(rows) + "\n"
+    report = header + "\n\n" + table(rows) + "\n" + clients
     print(report)
     for name, path in bench.profiles.items():
         summary = profile_summary(path)
