@@ -80,16 +80,9 @@ from collections.abc import Sequence
 
 import attrs
 
-from mxmrelay.addresses import (
-    Mailbox,
-    address_key,
-    display_name,
-    envelope_key,
-    lone_mailbox,
-    mailboxes,
-    parse_address,
-)
+from mxmrelay.addresses import Mailbox, address_key, envelope_key, parse_address
 from mxmrelay.directory import MAX_FLAGS, CustomerSpace
+from mxmrelay.fastpath import display_name, lone_mailbox, mailboxes
 from mxmrelay.headers import Field, decode_words, split_fields, unfold
 from mxmrelay.reply import Reply
 
