@@ -30,8 +30,8 @@ from mxmrelay.directory import User
 from mxmrelay.envelope import MAX_PATH
 from mxmrelay.explain import Queued, decision_lines
 from mxmrelay.forwarder import Forwarder
-from mxmrelay.reply import Reply, quote
 from mxmrelay.limiter import Limiter, Reservation
+from mxmrelay.reply import Reply, quote
 from mxmrelay.spool import Spool
 from mxmrelay.trace import received_header
 
@@ -85,11 +85,11 @@ class Outbound:
     hostname: str
     bounce_template: str
     spool_memory: int
-
     #: The sending limits (None: none, as in tests that build no relay).
     limiter: Limiter | None = None
     #: Where refusals after AUTH are reported (None: nowhere but the logs).
     refusals: refusals.RefusalQueue | None = None
+
 
 @implementer(IRealm)
 @attrs.frozen
@@ -98,9 +98,7 @@ class Realm:
 
     outbound: Outbound
 
-    def requestAvatar(
-        self, avatarId: Any, mind: Any, *interfaces: Any
-    ) -> tuple[Any, CustomerDelivery, Callable[[], None]]:
+    def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Any:
         # The checker's avatar id is the User, the mind the ConnectionInfo.
         assert isinstance(avatarId, User) and isinstance(mind, ConnectionInfo)
         if IMessageDelivery not in interfaces:
@@ -129,6 +127,7 @@ class CustomerDelivery:
         self.connection = connection
         self.outbound = outbound
         self._mail_from = ""
+        self._recipients: list[str] = []
         #: The send MAIL FROM reserved, until the session's transaction takes it.
         self._reservation: Reservation | None = None
         self._free_session: Callable[[], None] | None = None
@@ -150,7 +149,6 @@ class CustomerDelivery:
         free, self._free_session = self._free_session, None
         if free is not None:
             free()
-        self._recipients: list[str] = []
 
     def report_refusal(self, reply: Reply, mail_from: str, recipients: Sequence[str],
                        header_section: bytes | None, *, data: bool) -> None:
