@@ -35,11 +35,11 @@ from twisted.web.client import (
     ResponseNeverReceived,
 )
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer
+from twisted.web.iweb import IAgent, IBodyProducer
 from zope.interface import implementer
 
 from mxmrelay import metrics
-from mxmrelay.httpclient import make_client
+from mxmrelay.httpclient import make_agent
 from mxmrelay.reply import Reply
 
 log = Logger(namespace="mxmrelay.forwarder")
@@ -225,14 +225,19 @@ class Forwarder:
     timeout: float
     ca_file: Path | None = None
     pool: HTTPConnectionPool = attrs.field(init=False)
+    _agent: IAgent = attrs.field(init=False)
     _client: HTTPClient = attrs.field(init=False)
     _parsed_url: EncodedURL = attrs.field(init=False)
+    _uri: bytes = attrs.field(init=False)
     _headers: Headers = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._client, self.pool = make_client(self.reactor, self.ca_file)
-        # Parsed once: treq would parse a string URL on every request.
+        self._agent, self.pool = make_agent(self.reactor, self.ca_file)
+        self._client = HTTPClient(self._agent)
+        # Parsed and encoded once: treq parses a URL and encodes it anew
+        # (its host IDNA-checked) on every request.
         self._parsed_url = EncodedURL.from_text(self.url)
+        self._uri = self._parsed_url.to_uri().to_text().encode("ascii")
         self._headers = Headers({b"Authorization": [b"Bearer " + self.token.encode()],
                                  b"Accept": [b"application/json"]})
 
@@ -294,8 +299,10 @@ class Forwarder:
         headers = self._headers.copy()
         headers.setRawHeaders(b"Idempotency-Key", [key.encode()])
         headers.setRawHeaders(b"Content-Type", [producer.content_type])
-        response = await self._client.post(self._parsed_url, data=producer, headers=headers,
-                                           allow_redirects=False)
+        # The Agent treq wraps, straight: the send needs nothing treq adds
+        # per request (see mxmrelay.httpclient.make_agent); a redirect is
+        # never followed either way (see _outcome).
+        response = await self._agent.request(b"POST", self._uri, headers, producer)
         content = await treq.content(response)
         return self._outcome(response.code, content, metadata)
 

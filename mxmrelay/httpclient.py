@@ -19,7 +19,7 @@ from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnec
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-__all__ = ["Endpoints", "make_client", "tls_policy"]
+__all__ = ["Endpoints", "make_agent", "make_client", "tls_policy"]
 
 
 def tls_policy(ca_file: Path | None) -> BrowserLikePolicyForHTTPS:
@@ -34,11 +34,20 @@ def tls_policy(ca_file: Path | None) -> BrowserLikePolicyForHTTPS:
 def make_client(reactor: Any, ca_file: Path | None, *,
                 per_host: int = 64) -> tuple[HTTPClient, HTTPConnectionPool]:
     """A treq client and its pool (close the pool's cached connections at stop)."""
+    agent, pool = make_agent(reactor, ca_file, per_host=per_host)
+    return HTTPClient(agent), pool
+
+
+def make_agent(reactor: Any, ca_file: Path | None, *,
+               per_host: int = 64) -> tuple[Agent, HTTPConnectionPool]:
+    """The Agent a treq client wraps, and its pool: for a request made many
+    times a second to one URL, which needs none of what treq adds per
+    request (the URL re-encoded and its host IDNA-checked, a cookie jar,
+    redirects, gzip), the Agent itself."""
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = per_host
     endpoints = Endpoints(reactor, tls_policy(ca_file))
-    client = HTTPClient(Agent.usingEndpointFactory(reactor, endpoints, pool=pool))
-    return client, pool
+    return Agent.usingEndpointFactory(reactor, endpoints, pool=pool), pool
 
 
 @implementer(IAgentEndpointFactory)

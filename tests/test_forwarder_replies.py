@@ -79,6 +79,7 @@ def forwarder(agent: IAgent, clock: Clock) -> Forwarder:
     """A forwarder whose requests go to ``agent`` instead of the network
     (its own client is treq's, over an agent of the network's)."""
     made = Forwarder(clock, URL, TOKEN, TIMEOUT)
+    made._agent = agent
     made._client = HTTPClient(agent)
     return made
 
