@@ -19,7 +19,15 @@ def _host(text: str, default: str) -> str:
     return text or default
 
 
+#: :func:`_host` for what comes back message after message (HELO names,
+#: the relay's own name): a send id, new each time, is not kept.
+_known_host = functools.lru_cache(maxsize=1024)(_host)
+
+
+@functools.lru_cache(maxsize=1024)
 def _tcp_info(client_address: str) -> str:
+    # Cached: a relay's clients come back message after message, and
+    # parsing an address is most of the field's cost.
     try:
         ip = ipaddress.ip_address(client_address.strip().strip("[]").split("%")[0])
     except ValueError:
@@ -48,10 +56,10 @@ def received_header(
     field (no controls, spaces or angle brackets).
     """
     lines = [
-        ["Received: from", _host(helo, "unknown"), f"({_tcp_info(client_address)})"],
+        ["Received: from", _known_host(helo, "unknown"), f"({_tcp_info(client_address)})"],
         [
-            f"by {_host(by_host, 'localhost')}",
-            f"with {_host(protocol, 'ESMTP')}",
+            f"by {_known_host(by_host, 'localhost')}",
+            f"with {_known_host(protocol, 'ESMTP')}",
             f"id {_host(send_id, 'unknown')}",
         ],
     ]
