@@ -20,10 +20,12 @@ from typing import Any, cast
 
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
-from twisted.internet.protocol import Factory, Protocol, ServerFactory
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol, ServerFactory
 from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,6 +109,29 @@ async def until(check: Callable[[], bool | Awaitable[bool]], what: str,
         if reactor.seconds() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await deferLater(reactor, interval, lambda: None)
+
+
+class ProcessOutput(ProcessProtocol):
+    """A child process's stdout and stderr as one text, its end as a
+    Deferred, and how it ended (``status``: the ProcessDone/ProcessTerminated)."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.ended: Deferred[None] = Deferred()
+        self.status: Any = None
+
+    def outReceived(self, data: bytes) -> None:
+        self.data += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        self.status = reason.value
+        self.ended.callback(None)
+
+    @property
+    def text(self) -> str:
+        return self.data.decode("utf-8", "replace")
 
 
 def free_ports(n: int) -> list[int]:

@@ -11,9 +11,7 @@ import os
 import re
 import signal
 import smtplib
-import socket
 import ssl
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,49 +19,18 @@ from typing import Any
 import treq
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
-from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from mxmrelay_refapi.api import ReferenceAPI
+from tests.helpers import ROOT, TWISTD, free_ports
+from tests.helpers import ProcessOutput as Output
 from tests.support import in_thread, make_certificate, message
 
-ROOT = Path(__file__).resolve().parent.parent
-TWISTD = Path(sys.executable).parent / "twistd"
 TOKEN = "metrics-token"
 DEMO = ("demo@example.com", "demo-password")
 WRONG = "not-the-password"
 
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-class Output(ProcessProtocol):
-    def __init__(self) -> None:
-        self.data = b""
-        self.ended: Deferred[None] = Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.data += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Failure) -> None:
-        self.ended.callback(None)
-
-    @property
-    def text(self) -> str:
-        return self.data.decode("utf-8", "replace")
 
 
 class API:

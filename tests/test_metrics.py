@@ -211,7 +211,7 @@ class StartUp(unittest.TestCase):
 def reactor_spawn(relay: Relay, env: dict[str, str]) -> Any:
     from twisted.internet import reactor
 
-    from tests.metrics_support import TWISTD
+    from tests.helpers import TWISTD
 
     return reactor.spawnProcess(
         relay.out, str(TWISTD), [str(TWISTD), "-n", "--pidfile=", "mxmrelay", "--config",

@@ -19,14 +19,12 @@ from typing import Any
 
 from cryptography import x509
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
-from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from mxmrelay.auth import hash_password
 from mxmrelay.check import check
+from tests.helpers import ProcessOutput as Process
 from tests.support import API, TOKEN, RawClient, in_thread, make_certificate, message
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,23 +87,6 @@ class ConfigMap:
             path.symlink_to("..data/directory.toml")
         return path
 
-
-class Process(ProcessProtocol):
-    def __init__(self) -> None:
-        self.data = b""
-        self.ended: Deferred[None] = Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.data += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Failure) -> None:
-        self.ended.callback(None)
-
-    @property
-    def text(self) -> str:
-        return self.data.decode("utf-8", "replace")
 
 
 def context() -> ssl.SSLContext:

@@ -16,34 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
-from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from tests.helpers import ROOT, TWISTD, free_ports
+from tests.helpers import ProcessOutput as Output
 from tests.support import in_thread, make_certificate
-
-
-class Output(ProcessProtocol):
-    def __init__(self) -> None:
-        self.data = b""
-        self.ended: Deferred[None] = Deferred()
-        self.status: Any = None
-
-    def outReceived(self, data: bytes) -> None:
-        self.data += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Failure) -> None:
-        self.status = reason.value
-        self.ended.callback(None)
-
-    @property
-    def text(self) -> str:
-        return self.data.decode("utf-8", "replace")
 
 
 class Workers(unittest.TestCase):
