@@ -54,8 +54,9 @@ def overrides(table: Mapping[str, Any], bad: Bad) -> Overrides:
                 kind = "a whole number" if integer else "a number"
                 bad(key, f'must be {kind} of at least {low:g}, or "unlimited"')
             found[key] = parsed
-    burst = table.get("burst")
-    if burst is not None:
+    burst = None
+    if "burst" in table:  # a JSON null is not a burst (TOML has none)
+        burst = table["burst"]
         if isinstance(burst, float) and burst.is_integer():
             burst = int(burst)
         if isinstance(burst, bool) or not isinstance(burst, int) or not 1 <= burst <= 1_000_000:

@@ -4,7 +4,9 @@ The relay asks ``GET {url}/{email}`` (the address lower-cased and
 percent-encoded as one path segment, with the bearer token) and reads the
 answer as docs/delivery-api.yaml states (``/v1/smtp-users/{email}``):
 
-- 200 with the user and its customer space: the user;
+- 200 with the user and its customer space: the user (with the space's
+  sending limits and the user's ``allowed_networks``, read as the
+  directory file's are);
 - 404: no such user (the client gets 535 after the same work as for a
   wrong password);
 - anything else (a 5xx, a 401, a redirect, a timeout, a refused connection,
@@ -33,7 +35,7 @@ from twisted.web.client import HTTPConnectionPool, ResponseFailed, ResponseNever
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
-from mxmrelay import hashes
+from mxmrelay import hashes, limits_keys
 from mxmrelay.config import Config, PlatformDirectoryConfig
 from mxmrelay.directory import (
     CUSTOMER_KEYS,
@@ -107,7 +109,12 @@ def parse_answer(code: int, body: bytes, asked: str) -> User | None:
     sandbox = data.get("sandbox", False)
     if not isinstance(sandbox, bool):
         raise BadAnswer("sandbox: not true or false")
-    return User(email=email, password_hash=encoded, customer=space, sandbox=sandbox)
+    problems: list[str] = []
+    networks = limits_keys.networks(data, lambda key, why: problems.append(f"{key}: {why}"))
+    if problems:
+        raise BadAnswer(problems[0])
+    return User(email=email, password_hash=encoded, customer=space,
+                allowed_networks=networks, sandbox=sandbox)
 
 
 def _integral(value: Any) -> Any:

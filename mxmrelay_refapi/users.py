@@ -27,6 +27,13 @@ __all__ = ["UserFileError", "Users"]
 _log = Logger()
 
 _CUSTOMER_FIELDS = ("id", "name", "domains", "flags", "from_flags", "allow_subdomains")
+#: A space's keys answered only when the file sets them: ``explain`` and
+#: the sending limits over the relay's ``[limits]``, as written (the relay
+#: judges the values, as it judges the platform's).
+_CUSTOMER_OPTIONAL = ("explain", "sends_per_second", "burst", "sends_per_day",
+                      "sessions_per_user", "allowed_networks")
+#: A user's keys answered only when the file sets them.
+_USER_OPTIONAL = ("allowed_networks", "sandbox")
 
 
 class UserFileError(Exception):
@@ -54,7 +61,8 @@ def _read(path: Path) -> dict[str, dict[str, Any]]:
             raise UserFileError(f"{path}: {where}.customer: names no customer space")
         users[email.lower()] = {"email": email,
                                 "password_hash": _text(u, "password", where, path),
-                                "customer": space}
+                                "customer": space,
+                                **_optional(u, _USER_OPTIONAL)}
     return users
 
 
@@ -73,7 +81,7 @@ def _text(table: Mapping[str, Any], key: str, where: str, path: Path) -> str:
 
 
 def _space(c: Mapping[str, Any], where: str, path: Path) -> dict[str, Any]:
-    unknown = sorted(set(c) - set(_CUSTOMER_FIELDS))
+    unknown = sorted(set(c) - set(_CUSTOMER_FIELDS) - set(_CUSTOMER_OPTIONAL))
     if unknown:
         raise UserFileError(f"{path}: {where}.{unknown[0]}: unknown key")
     domains = c.get("domains")
@@ -90,7 +98,12 @@ def _space(c: Mapping[str, Any], where: str, path: Path) -> dict[str, Any]:
         "allow_subdomains": bool(c.get("allow_subdomains", False)),
         "flags": c.get("flags", 0),
         "from_flags": dict(from_flags),
+        **_optional(c, _CUSTOMER_OPTIONAL),
     }
+
+
+def _optional(table: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    return {k: table[k] for k in keys if k in table}
 
 
 @attrs.define

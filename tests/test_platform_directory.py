@@ -4,7 +4,9 @@ StubTreq), and the contract's schema against the relay's reading of it."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from twisted.trial import unittest
 from mxmrelay.directory import CustomerSpace, DirectoryError, User
 from mxmrelay.directory_cache import DirectoryCache
 from mxmrelay.hashes import hash_password
+from mxmrelay.limits import NO_OVERRIDES, Overrides
 from mxmrelay.platform_directory import PlatformDirectory, parse_answer
 from mxmrelay_refapi.users import Users
 from mxmrelay_refapi.web import Routes
@@ -144,14 +147,55 @@ customer = "demo"
     return path
 
 
+#: A space with every sending limit and ``explain``, and users with and
+#: without their own networks (and a sandbox one).
+LIMITS_FILE = """
+[[customer]]
+id = "capped"
+domains = ["capped.test"]
+explain = false
+sends_per_second = 0.5
+burst = 20
+sends_per_day = "unlimited"
+sessions_per_user = 3
+allowed_networks = ["192.0.2.0/24", "2001:db8::/32"]
+
+[[user]]
+email = "office@capped.test"
+password = "{hash}"
+customer = "capped"
+allowed_networks = ["198.51.100.7"]
+sandbox = true
+
+[[user]]
+email = "any@capped.test"
+password = "{hash}"
+customer = "capped"
+"""
+
+CAPPED = Overrides(rate=0.5, burst=20, daily=math.inf, sessions=3,
+                   allowed_networks=(ipaddress.ip_network("192.0.2.0/24"),
+                                     ipaddress.ip_network("2001:db8::/32")))
+
+
 class Answers(unittest.TestCase):
     """The relay's PlatformDirectory against the reference API's route."""
 
-    def directory(self, password_hash: str, token: bytes = b"t") -> PlatformDirectory:
+    #: The reference API's route, over StubTreq (``directory`` sets it).
+    stub: Any
+
+    def directory(self, password_hash: str, token: bytes = b"t",
+                  text: str | None = None) -> PlatformDirectory:
         folder = Path(self.mktemp())
         folder.mkdir()
-        routes = Routes(db=None, token=token, users=Users.open(users_file(folder, password_hash)))  # type: ignore[arg-type]
+        if text is None:
+            path = users_file(folder, password_hash)
+        else:
+            path = folder / "directory.toml"
+            path.write_text(text.format(hash=password_hash))
+        routes = Routes(db=None, token=token, users=Users.open(path))  # type: ignore[arg-type]
         stub: Any = StubTreq(routes.resource())
+        self.stub = stub
         cache = DirectoryCache(Clock(), 60, 10, 300)
         return PlatformDirectory(Clock(), "http://platform/v1/smtp-users", "t", 5, cache, stub)
 
@@ -166,6 +210,34 @@ class Answers(unittest.TestCase):
         self.assertIsNone(await directory.find_user("nobody@example.com"))
         self.assertIsNone(await directory.find_user("no-at-sign"))
 
+    async def test_limits_and_user_networks_are_served_and_read(self) -> None:
+        """The reference API answers the file's limits, ``explain`` and the
+        user's ``allowed_networks`` and ``sandbox`` as written, and the relay
+        reads them as it reads the file."""
+        directory = self.directory(php_hash("pw"), text=LIMITS_FILE)
+        response = await self.stub.get("http://platform/v1/smtp-users/office@capped.test",
+                                       headers={"Authorization": ["Bearer t"]})
+        answer = json.loads(await self.stub.content(response))
+        self.assertEqual(response.code, 200)
+        self.assertTrue(Spec().validator("/components/schemas/SMTPUser").is_valid(answer))
+        limit_keys = ("explain", "sends_per_second", "burst", "sends_per_day",
+                      "sessions_per_user", "allowed_networks")
+        self.assertEqual({k: answer["customer"].get(k) for k in limit_keys},
+                         {"explain": False, "sends_per_second": 0.5, "burst": 20,
+                          "sends_per_day": "unlimited", "sessions_per_user": 3,
+                          "allowed_networks": ["192.0.2.0/24", "2001:db8::/32"]})
+        self.assertEqual((answer["allowed_networks"], answer["sandbox"]),
+                         (["198.51.100.7"], True))
+        office = await directory.find_user("office@capped.test")
+        assert office is not None
+        self.assertEqual((office.customer.limits, office.customer.explain,
+                          office.allowed_networks, office.sandbox),
+                         (CAPPED, False, (ipaddress.ip_network("198.51.100.7/32"),), True))
+        anyone = await directory.find_user("any@capped.test")
+        assert anyone is not None
+        self.assertEqual((anyone.customer.limits, anyone.allowed_networks, anyone.sandbox),
+                         (CAPPED, None, False))
+
     async def test_bad_answers_are_directory_errors(self) -> None:
         for directory in [self.directory("$1$md5$crypt"), self.directory("x", token=b"other")]:
             await self.assertFailure(directory.find_user("demo@example.com"), DirectoryError)
@@ -177,11 +249,53 @@ VALID = {"email": "a@example.com", "password_hash": hash_password("x", n=2**4),
                       "from_flags": {}, "allow_subdomains": False}}
 
 
+class LimitsInAnswers(unittest.SynchronousTestCase):
+    """A space's sending limits and a user's networks, read from an answer."""
+
+    def test_read_as_the_file_is(self) -> None:
+        customer = {**VALID["customer"], "sends_per_second": 0.5, "burst": 20.0,  # type: ignore[dict-item]
+                    "sends_per_day": "unlimited", "sessions_per_user": 3,
+                    "allowed_networks": ["192.0.2.0/24", "2001:db8::/32"]}
+        found = parse_answer(200, json.dumps({
+            **VALID, "customer": customer, "allowed_networks": ["198.51.100.0/24"],
+        }).encode(), "a@example.com")
+        assert found is not None
+        self.assertEqual((found.customer.limits, found.allowed_networks),
+                         (CAPPED, (ipaddress.ip_network("198.51.100.0/24"),)))
+        self.assertIsInstance(found.customer.limits.burst, int)
+        left_out = parse_answer(200, json.dumps(VALID).encode(), "a@example.com")
+        assert left_out is not None
+        self.assertEqual((left_out.customer.limits, left_out.allowed_networks),
+                         (NO_OVERRIDES, None))
+
+    def test_a_bad_user_network_is_a_bad_answer(self) -> None:
+        for networks in ["192.0.2.0/24", ["192.0.2.0/33"], [24], None]:
+            with self.assertRaises(DirectoryError) as caught:
+                parse_answer(200, json.dumps({**VALID, "allowed_networks": networks}).encode(),
+                             "a@example.com")
+            self.assertIn("allowed_networks", str(caught.exception))
+
+
 def relay_accepts(doc: Any, asked: str = "a@example.com") -> bool:
     try:
         parse_answer(200, json.dumps(doc).encode(), asked)
     except DirectoryError:
         return False
+    return True
+
+
+def networks_in_words(doc: Any) -> bool:
+    """The rule ``Networks`` states in words only: each string is a network
+    in CIDR notation (a bare address its /32 or /128, host bits ignored)."""
+    holders = [doc, doc.get("customer")] if isinstance(doc, dict) else []
+    for holder in holders:
+        value = holder.get("allowed_networks") if isinstance(holder, dict) else None
+        for item in value if isinstance(value, list) else []:
+            if isinstance(item, str):
+                try:
+                    ipaddress.ip_network(item, strict=False)
+                except ValueError:
+                    return False
     return True
 
 
@@ -196,7 +310,8 @@ class SchemaAgrees(unittest.SynchronousTestCase):
         self.assertTrue(relay_accepts(VALID))
 
     def agree(self, doc: Any, asked: str = "a@example.com") -> None:
-        self.assertEqual(relay_accepts(doc, asked), self.schema.is_valid(doc), doc)
+        expected = self.schema.is_valid(doc) and networks_in_words(doc)
+        self.assertEqual(relay_accepts(doc, asked), expected, doc)
 
     def test_customer_space(self) -> None:
         schema = self.spec.resolve(self.spec.doc["components"]["schemas"]["CustomerSpace"])
@@ -219,6 +334,27 @@ class SchemaAgrees(unittest.SynchronousTestCase):
         for key in VALID:
             self.agree({k: v for k, v in VALID.items() if k != key})
         self.agree({**VALID, "later_field": {"x": 1}})
+        schema = self.spec.resolve(self.spec.doc["components"]["schemas"]["SMTPUser"])
+        for name, prop in schema["properties"].items():
+            if name in VALID:
+                continue  # probed above, and in test_customer_space
+            prop = {k: v for k, v in prop.items() if k != "description"}
+            for value in probes(self.spec, prop):
+                self.agree({**VALID, name: value})
         # Rules the schema states in words: the address asked, a known format.
         self.assertFalse(relay_accepts(VALID, "b@example.com"))
         self.assertFalse(relay_accepts({**VALID, "password_hash": "plain"}))
+
+    def test_networks_in_words(self) -> None:
+        """``Networks``' CIDR syntax, stated in words: the schema takes any
+        string, the relay a network only, for the space and the user."""
+        good = [[], ["192.0.2.0/24", "2001:db8::/32"], ["192.0.2.1"], ["2001:db8::1"],
+                ["192.0.2.1/24"], ["0.0.0.0/0", "::/0"]]
+        bad = [["x"], [""], ["192.0.2.0/33"], ["2001:db8::/129"], ["300.0.0.0/8"],
+               ["192.0.2.0/24", "192.0.2.0/24/8"], ["example.com"], ["192.0.2.0/-1"]]
+        for networks in good + bad:
+            for doc in [{**VALID, "allowed_networks": networks},
+                        {**VALID, "customer": {**VALID["customer"],  # type: ignore[dict-item]
+                                               "allowed_networks": networks}}]:
+                self.assertTrue(self.schema.is_valid(doc), doc)
+                self.assertEqual(relay_accepts(doc), networks in good, doc)
