@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import base64
 import os
-import re
-import signal
 import smtplib
 import ssl
 from collections.abc import Callable
@@ -23,8 +21,9 @@ from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from mxmrelay_refapi.api import ReferenceAPI
-from tests.helpers import ROOT, TWISTD, free_ports
+from tests.helpers import ROOT, free_ports
 from tests.helpers import ProcessOutput as Output
+from tests.process_support import SupervisedTwistd
 from tests.support import in_thread, make_certificate, message
 
 TOKEN = "metrics-token"
@@ -94,33 +93,22 @@ api_answered_within = 2
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("LISTEN_") and k != "PROMETHEUS_MULTIPROC_DIR"}
         env["PYTHONPATH"] = str(ROOT)
-        self.process = reactor.spawnProcess(
-            self.out, str(TWISTD), [str(TWISTD), "-n", "--pidfile=", "mxmrelay", "--config",
-                                    str(self.config)], env=env, path=str(self.folder))
-        self.testcase.addCleanup(self.stop)
+        self.twistd = SupervisedTwistd(self.testcase, self.config, env=env, out=self.out)
+        self.process = self.twistd.process
         await self.until(lambda: self.out.text.count("starting on") >= self.workers + 1
                          and len(self.pids()) >= (self.workers if self.workers > 1 else 0),
                          "the relay to listen")
 
     async def stop(self) -> None:
-        for pid in self.pids().values():
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
-        if not self.out.ended.called:
-            self.process.signalProcess("TERM")
-            await self.out.ended
+        await self.twistd.stop()
 
     def pids(self) -> dict[int, int]:
         """The live pid of each worker, from the supervisor's log."""
-        return {int(i): int(p) for i, p in re.findall(r"worker (\d+) started pid=(\d+)",
-                                                      self.out.text)}
+        return self.twistd.pids()
 
     def only(self, index: int) -> None:
         """Let only worker ``index`` run (a stopped process cannot accept)."""
-        for i, pid in self.pids().items():
-            os.kill(pid, signal.SIGCONT if i == index else signal.SIGSTOP)
+        self.twistd.only(index)
 
     async def until(self, condition: Callable[[], bool], what: str,
                     deadline: float = 30) -> None:

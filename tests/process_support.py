@@ -11,6 +11,7 @@ Waiting is polling against a deadline, never a fixed sleep.
 from __future__ import annotations
 
 import configparser
+import os
 import re
 import signal
 import smtplib
@@ -24,11 +25,12 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectError
+from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.protocol import ProcessProtocol, Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from tests.helpers import ETC, TWISTD, child_env, until, write
+from tests.helpers import ETC, ROOT, TWISTD, ProcessOutput, child_env, until, write
 from tests.support import make_certificate, message
 
 DEV_DIRECTORY = ETC / "directory.dev.toml"
@@ -155,6 +157,45 @@ class Twistd(ProcessProtocol):
             if not self.ended.called:
                 self.process.signalProcess("KILL")
             await self.ended
+
+
+class SupervisedTwistd:
+    """``twistd -n mxmrelay --config FILE`` run from the configuration's
+    folder, its output collected in ``out``: with ``workers = N`` a
+    supervisor, whose log names each worker's pid.  Stopped at cleanup."""
+
+    def __init__(self, testcase: unittest.TestCase, config: Path, *,
+                 env: dict[str, str] | None = None, out: ProcessOutput | None = None) -> None:
+        self.out = out if out is not None else ProcessOutput()
+        if env is None:
+            env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.process: IProcessTransport = reactor.spawnProcess(
+            self.out, str(TWISTD),
+            [str(TWISTD), "-n", "--pidfile=", "mxmrelay", "--config", str(config)],
+            env=env, path=str(config.parent))
+        testcase.addCleanup(self.stop)
+
+    def pids(self) -> dict[int, int]:
+        """The live pid of each worker, from the supervisor's log."""
+        return {int(i): int(p) for i, p in re.findall(r"worker (\d+) started pid=(\d+)",
+                                                      self.out.text)}
+
+    def only(self, index: int) -> None:
+        """Let only worker ``index`` run (a stopped process cannot accept)."""
+        for i, pid in self.pids().items():
+            os.kill(pid, signal.SIGCONT if i == index else signal.SIGSTOP)
+
+    async def stop(self) -> None:
+        """Wake every worker (a stopped one could not end), then SIGTERM
+        the supervisor and wait for its end."""
+        for pid in self.pids().values():
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        if not self.out.ended.called:
+            self.process.signalProcess("TERM")
+            await self.out.ended
 
 
 def base_config(folder: Path) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Any
 from twisted.trial import unittest
 
 from tests.metrics_support import WRONG, Relay, failed_handshake, value
+from tests.process_support import SupervisedTwistd
 from tests.support import fetch_json, in_thread
 
 
@@ -201,18 +202,9 @@ class StartUp(unittest.TestCase):
         taken.bind(("127.0.0.1", relay.metrics_port))
         taken.listen(1)
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-        relay.process = reactor_spawn(relay, env)
+        relay.process = SupervisedTwistd(self, relay.config, env=env, out=relay.out).process
         await relay.out.ended
         self.assertIn(f"mxmrelay: cannot start: metrics.endpoint tcp:{relay.metrics_port}:"
                       "interface=127.0.0.1: address already in use", relay.out.text)
         self.assertNotIn("Traceback", relay.out.text)
 
-
-def reactor_spawn(relay: Relay, env: dict[str, str]) -> Any:
-    from twisted.internet import reactor
-
-    from tests.helpers import TWISTD
-
-    return reactor.spawnProcess(
-        relay.out, str(TWISTD), [str(TWISTD), "-n", "--pidfile=", "mxmrelay", "--config",
-                                 str(relay.config)], env=env, path=str(relay.folder))

@@ -10,7 +10,6 @@ log against a deadline.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import ssl
 import sys
@@ -24,11 +23,10 @@ from twisted.trial import unittest
 
 from mxmrelay.auth import hash_password
 from mxmrelay.check import check
-from tests.helpers import ProcessOutput as Process
+from tests.process_support import SupervisedTwistd
 from tests.support import API, TOKEN, RawClient, in_thread, make_certificate, message
 
 ROOT = Path(__file__).resolve().parent.parent
-TWISTD = Path(sys.executable).parent / "twistd"
 
 
 def free_port() -> int:
@@ -155,27 +153,12 @@ timeout = 10
 max_failures_per_user = 50
 max_failures_per_address = 100
 """)
-        self.out = Process()
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        self.process = reactor.spawnProcess(
-            self.out, str(TWISTD),
-            [str(TWISTD), "-n", "--pidfile=", "mxmrelay", "--config", str(self.config)],
-            env=env, path=str(self.folder))
-        testcase.addCleanup(self.stop)
+        self.twistd = SupervisedTwistd(testcase, self.config)
+        self.out, self.process = self.twistd.out, self.twistd.process
 
     async def started(self) -> None:
         await self.until(lambda: self.out.text.count("starting on")
                          >= len(self.ports) * self.workers)
-
-    async def stop(self) -> None:
-        for pid in self.pids().values():
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
-        if not self.out.ended.called:
-            self.process.signalProcess("TERM")
-            await self.out.ended
 
     async def until(self, condition: Any, deadline: float = 30) -> None:
         end = reactor.seconds() + deadline
@@ -191,15 +174,11 @@ max_failures_per_address = 100
         await self.until(lambda: self.out.text.count(expect) >= before + count)
 
     def pids(self) -> dict[int, int]:
-        found: dict[int, int] = {}
-        for index, pid in re.findall(r"worker (\d+) started pid=(\d+)", self.out.text):
-            found[int(index)] = int(pid)
-        return found
+        return self.twistd.pids()
 
     def only(self, index: int) -> None:
         """Let only worker ``index`` run (a stopped worker cannot accept)."""
-        for i, pid in self.pids().items():
-            os.kill(pid, signal.SIGCONT if i == index else signal.SIGSTOP)
+        self.twistd.only(index)
 
     # -- blocking clients (call on a thread) ---------------------------------
 

@@ -9,7 +9,6 @@ process cannot accept, so the connection waits for the running one.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import smtplib
 from pathlib import Path
@@ -19,8 +18,8 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
-from tests.helpers import ROOT, TWISTD, free_ports
-from tests.helpers import ProcessOutput as Output
+from tests.helpers import ROOT, free_ports
+from tests.process_support import SupervisedTwistd
 from tests.support import in_thread, make_certificate
 
 
@@ -50,31 +49,14 @@ url = "http://127.0.0.1:{api}/v1/sends"
 token = "t"
 [auth]
 {auth_lines}""")
-        self.out = Output()
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        self.process = reactor.spawnProcess(
-            self.out, str(TWISTD), [str(TWISTD), "-n", "--pidfile=", "mxmrelay", "--config",
-                                    str(config)], env=env, path=str(folder))
-        self.addCleanup(self.stop)
+        self.twistd = SupervisedTwistd(self, config)
+        self.out, self.process = self.twistd.out, self.twistd.process
         await self.until(lambda: len(self.pids()) == workers and
                          self.out.text.count("starting on") >= workers)
 
-    async def stop(self) -> None:
-        for pid in self.pids().values():
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
-        if not self.out.ended.called:
-            self.process.signalProcess("TERM")
-            await self.out.ended
-
     def pids(self) -> dict[int, int]:
         """The live pid of each worker, from the supervisor's log."""
-        found: dict[int, int] = {}
-        for index, pid in re.findall(r"worker (\d+) started pid=(\d+)", self.out.text):
-            found[int(index)] = int(pid)
-        return found
+        return self.twistd.pids()
 
     async def until(self, condition: Any, deadline: float = 30) -> None:
         end = reactor.seconds() + deadline
@@ -85,8 +67,7 @@ token = "t"
 
     def only(self, index: int) -> None:
         """Let only worker ``index`` run."""
-        for i, pid in self.pids().items():
-            os.kill(pid, signal.SIGCONT if i == index else signal.SIGSTOP)
+        self.twistd.only(index)
 
     def login(self, password: str = "demo-password") -> str:
         import ssl
