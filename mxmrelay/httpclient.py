@@ -31,20 +31,20 @@ def tls_policy(ca_file: Path | None) -> BrowserLikePolicyForHTTPS:
     return BrowserLikePolicyForHTTPS(trustRoot=roots)
 
 
-def make_client(reactor: Any, ca_file: Path | None, *,
-                per_host: int = 64) -> tuple[HTTPClient, HTTPConnectionPool]:
+def make_client(reactor: Any, ca_file: Path | None, *, per_host: int = 64,
+                persistent: bool = True) -> tuple[HTTPClient, HTTPConnectionPool]:
     """A treq client and its pool (close the pool's cached connections at stop)."""
-    agent, pool = make_agent(reactor, ca_file, per_host=per_host)
+    agent, pool = make_agent(reactor, ca_file, per_host=per_host, persistent=persistent)
     return HTTPClient(agent), pool
 
 
-def make_agent(reactor: Any, ca_file: Path | None, *,
-               per_host: int = 64) -> tuple[Agent, HTTPConnectionPool]:
+def make_agent(reactor: Any, ca_file: Path | None, *, per_host: int = 64,
+               persistent: bool = True) -> tuple[Agent, HTTPConnectionPool]:
     """The Agent a treq client wraps, and its pool: for a request made many
     times a second to one URL, which needs none of what treq adds per
     request (the URL re-encoded and its host IDNA-checked, a cookie jar,
     redirects, gzip), the Agent itself."""
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool = HTTPConnectionPool(reactor, persistent=persistent)
     pool.maxPersistentPerHost = per_host
     endpoints = Endpoints(reactor, tls_policy(ca_file))
     return Agent.usingEndpointFactory(reactor, endpoints, pool=pool), pool

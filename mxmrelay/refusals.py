@@ -36,12 +36,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from mxmrelay.connection import ConnectionInfo
 from mxmrelay.headers import split_fields, unfold
-from mxmrelay.httpclient import Endpoints, tls_policy
+from mxmrelay.httpclient import make_client
 from mxmrelay.reply import Reply
 
 log = Logger(namespace="mxmrelay.refusals")
@@ -232,11 +232,7 @@ class RefusalPoster:
     def __attrs_post_init__(self) -> None:
         # Not persistent: a batch a second at most, and nothing left open
         # when the relay stops.
-        self.pool = HTTPConnectionPool(self.reactor, persistent=False)
-        agent = Agent.usingEndpointFactory(self.reactor,
-                                           Endpoints(self.reactor, tls_policy(self.ca_file)),
-                                           pool=self.pool)
-        self._client = HTTPClient(agent)
+        self._client, self.pool = make_client(self.reactor, self.ca_file, persistent=False)
         self._parsed = EncodedURL.from_text(self.url)
         self._headers = Headers({b"Authorization": [b"Bearer " + self.token.encode()],
                                  b"Content-Type": [b"application/json"],
